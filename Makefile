@@ -1,0 +1,29 @@
+# `make test` and `make demo` do all the set-up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast demo clean
+
+install: $(STAMP)
+
+# torch first: the pinned CPU build comes from local disk; a bare `torch` requirement would pull CUDA.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m corral.demo
+
+clean:
+	rm -rf $(VENV) .corral build *.egg-info

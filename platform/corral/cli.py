@@ -1,0 +1,75 @@
+"""The `corral` command: one function per sub-command; errors become one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_tokenizer_train(args) -> None:
+    from corral.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.input, vocab_size=args.vocab_size, out_dir=args.out)
+    print(f"trained a {tok.vocab_size}-piece BPE tokenizer -> {tok.path}")
+
+
+def cmd_export_hf(args) -> None:
+    from corral.checkpoint import export_hf
+
+    print(f"exported Hugging Face Llama directory -> {export_hf(args.src, args.out)}")
+
+
+def cmd_info(args) -> None:
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from corral.checkpoint import detect_format, read_config
+
+    fmt, config = detect_format(args.path), read_config(args.path)
+    dtype = None
+    weights = sorted(Path(args.path).glob("*.safetensors"))
+    if weights:
+        with safe_open(str(weights[0]), framework="pt") as f:
+            dtype = f.get_slice(next(iter(f.keys()))).get_dtype()
+    info = {"path": str(args.path), "format": fmt, "parameters": config.num_params(), "dtype": dtype,
+            "config": config.model_dump()}
+    print(json.dumps(info, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corral", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
+    t = tok.add_parser("train", help="train a SentencePiece BPE tokenizer with Llama 2's settings")
+    t.add_argument("--input", nargs="+", required=True, help="text files")
+    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--out", required=True, help="output directory (gets tokenizer.model)")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    exp = sub.add_parser("export", help="export a checkpoint").add_subparsers(dest="action", required=True)
+    e = exp.add_parser("hf", help="write a Hugging Face Llama directory")
+    e.add_argument("src")
+    e.add_argument("out")
+    e.set_defaults(func=cmd_export_hf)
+
+    i = sub.add_parser("info", help="describe a checkpoint: format, config, parameter count, dtype")
+    i.add_argument("path")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # user mistakes: one clear line
+        print(f"corral: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The Llama 2 transformer (Touvron et al. 2023), in one file that reads like the paper.
+
+Pre-normalisation with RMSNorm, SwiGLU feed-forward, rotary position embeddings, multi-head or
+grouped-query attention, and a key/value cache for incremental decoding. Parameter names are
+Meta's (`tok_embeddings`, `attention.wq`, `feed_forward.w1`, ...) so Meta checkpoints load 1:1.
+
+Rotary embeddings rotate interleaved pairs (x0, x1), (x2, x3), ... as Meta's reference does;
+Hugging Face rotates halves instead and permutes wq/wk to match (see `checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corral.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Meta does) so bf16 training keeps the statistics exact.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angle for every position and frequency: (max_seq_len, head_dim/2)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (bsz, seqlen, n_heads, head_dim) by per-position angles.
+
+    cos/sin are (bsz, seqlen, head_dim/2): every row may sit at a different position.
+    """
+    xp = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, n_heads, head_dim/2, 2)
+    x0, x1 = xp[..., 0], xp[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (bsz, seqlen, 1, head_dim/2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)  # (bsz, seqlen, n_heads, head_dim)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(bsz, seqlen, n_kv_heads, head_dim) -> (bsz, seqlen, n_kv_heads * n_rep, head_dim)."""
+    if n_rep == 1:
+        return x
+    return x.repeat_interleave(n_rep, dim=2)
+
+
+class KVCache:
+    """Keys and values of `n_slots` sequences, each up to `max_seq_len` tokens, for every layer.
+
+    A slot is one sequence's row; rows decode at different positions in the same batch, so a
+    continuous-batching engine can admit and retire sequences between steps.
+    """
+
+    def __init__(self, config: ModelConfig, n_slots: int, max_seq_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.max_seq_len = max_seq_len or config.max_seq_len
+        shape = (config.n_layers, n_slots, self.max_seq_len, config.kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def n_slots(self) -> int:
+        return self.k.shape[1]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None):
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
+
+        if layer_cache is None:  # training / full forward: plain causal attention
+            keys, values, mask, causal = xk, xv, None, True
+        else:
+            cache_k, cache_v = layer_cache  # (n_slots, max_seq_len, n_kv_heads, head_dim)
+            pos = positions[:, None] + torch.arange(seqlen, device=x.device)  # (bsz, seqlen)
+            # Padding rows of a ragged batch may run past the end; their writes land in unused space.
+            pos_w = pos.clamp(max=cache_k.shape[1] - 1)
+            cache_k[slots[:, None], pos_w] = xk.to(cache_k.dtype)
+            cache_v[slots[:, None], pos_w] = xv.to(cache_v.dtype)
+            kv_len = int(pos.max()) + 1  # host-device sync: one scalar per layer call
+            keys = cache_k[slots, :kv_len].to(xq.dtype)  # (bsz, kv_len, n_kv_heads, head_dim)
+            values = cache_v[slots, :kv_len].to(xq.dtype)
+            # query i of row b sees cache positions 0..positions[b] + i
+            mask = torch.arange(kv_len, device=x.device)[None, None, :] <= pos[:, :, None]
+            mask, causal = mask[:, None], False  # (bsz, 1, seqlen, kv_len)
+
+        keys, values = repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep)
+        out = F.scaled_dot_product_attention(
+            xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),  # (bsz, heads, seq, head_dim)
+            attn_mask=mask, is_causal=causal,
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (bsz, seqlen, dim)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config.dim, config.ffn_dim)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, layer_cache, slots, positions)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        cos, sin = precompute_rope(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Transformer":
+        """Normal(0, std) weights, output projections scaled by 1/sqrt(2 n_layers) (GPT-2 style)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+                continue
+            scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(("wo.weight", "w2.weight")) else 1.0
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * std * scale)
+        return self
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens (bsz, seqlen) -> logits (bsz, seqlen, vocab_size), fp32.
+
+        Without a cache this is the plain causal forward. With a cache, row b of `tokens` continues
+        the sequence in cache slot `slots[b]` from position `positions[b]`; its keys and values are
+        written there. `last_only` returns only the last position's logits (bsz, 1, vocab_size).
+        """
+        bsz, seqlen = tokens.shape
+        if cache is None:
+            if seqlen > self.config.max_seq_len:
+                raise ValueError(f"sequence of {seqlen} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            pos = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
+        else:
+            pos = positions[:, None] + torch.arange(seqlen, device=tokens.device)  # (bsz, seqlen)
+            pos = pos.clamp(max=self.config.max_seq_len - 1)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (bsz, seqlen, head_dim/2)
+
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            h = layer(h, cos, sin, layer_cache, slots, positions)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()

@@ -1,0 +1,103 @@
+"""Fixtures shared by the whole suite: the demo corpus, a trained tokenizer, tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def corpus_dir() -> Path:
+    """The Gutenberg texts: ../shared/data/gutenberg beside the checkout, or $CORRAL_CORPUS_DIR."""
+    for candidate in (os.environ.get("CORRAL_CORPUS_DIR"), REPO.parent / "shared/data/gutenberg"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    pytest.skip("demo corpus not found: set CORRAL_CORPUS_DIR or run `corral data fetch-demo DIR`")
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    return corpus_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus):
+    """A 4096-piece tokenizer trained once per session on a few plays (the tiny preset's vocab)."""
+    from corral.tokenizer import train_tokenizer
+
+    files = sorted(corpus.glob("*_gut.txt"))[:8]
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(files, vocab_size=4096, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from corral.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on SQLite with served artifacts, for the whole session."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "artifacts"),
+         "--serve-artifacts", "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"mlflow server did not start; see {home / 'server.log'}")
+            time.sleep(0.5)
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(mlflow_server):
+    """One local Ray cluster for the whole session; its workers see the MLflow server.
+
+    8 logical CPUs on 2 cores: training workers, data actors and Serve replicas mostly wait on
+    each other, and the suite needs them scheduled together.
+    """
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}})
+    yield ray
+    ray.shutdown()
