@@ -307,21 +307,21 @@ def export_hf(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+            (tmp / "tokenizer.json").write_text(tokenizer.to_hf_json())
             (tmp / "tokenizer_config.json").write_text(json.dumps(HF_TOKENIZER_CONFIG, indent=2) + "\n")
             specials = {k: HF_TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token")}
             (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
     return Path(out_dir)
 
 
-HF_TOKENIZER_CONFIG = {  # as meta-llama/Llama-2-7b-hf ships it
-    "tokenizer_class": "LlamaTokenizer",
+HF_TOKENIZER_CONFIG = {  # as meta-llama/Llama-2-7b-hf ships it, but the class (see Tokenizer.to_hf_json)
+    "tokenizer_class": "PreTrainedTokenizerFast",
     "add_bos_token": True,
     "add_eos_token": False,
     "bos_token": "<s>",
     "eos_token": "</s>",
     "unk_token": "<unk>",
     "pad_token": None,
-    "legacy": False,
     "clean_up_tokenization_spaces": False,
     "model_max_length": 4096,
 }

@@ -60,6 +60,41 @@ class Tokenizer:
             shutil.copyfile(self.path, out)
         return out
 
+    def to_hf_json(self) -> str:
+        """This model as a Hugging Face `tokenizer.json` that gives the same ids as SentencePiece.
+
+        Llama 2's layout: BPE with byte fallback, a normaliser that prepends the dummy-prefix
+        space and turns spaces into U+2581, no pre-tokeniser, BOS added by the post-processor.
+        transformers' own LlamaTokenizer (5.x) swaps in a Metaspace pre-tokeniser that drops the
+        dummy prefix before leading spaces, so exports name the generic fast tokenizer class.
+        SentencePiece stores no BPE merges: they are recovered from the vocabulary, each merge
+        ranked by the id (score order) of the piece it makes.
+        """
+        from tokenizers import AddedToken, decoders, normalizers, processors
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers.models import BPE
+
+        sp = self.sp
+        vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+        merges = []
+        for piece, pid in vocab.items():
+            if sp.is_control(pid) or sp.is_unknown(pid) or sp.is_byte(pid):
+                continue
+            for k in range(1, len(piece)):
+                left, right = piece[:k], piece[k:]
+                if left in vocab and right in vocab:
+                    merges.append((pid, vocab[left], vocab[right], left, right))
+        merges.sort()
+        unk, bos, eos = (sp.id_to_piece(i) for i in (sp.unk_id(), self.bos_id, self.eos_id))
+        hf = HFTokenizer(BPE(vocab, [(m[3], m[4]) for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=True))
+        hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                        decoders.Strip(" ", 1, 0)])
+        hf.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in (unk, bos, eos)])
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)])
+        return hf.to_str()
+
     # -- chat --------------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of a dialog ending with a user turn, ready for the assistant's answer."""

@@ -8,8 +8,9 @@ import corral
 from corral.config import ModelConfig
 from corral.model import KVCache, Transformer
 
-MHA = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=320, hidden_dim=176, norm_eps=1e-6, max_seq_len=64)
-GQA = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=320, hidden_dim=160,
+MHA = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=320, multiple_of=16,  # FFN 176
+                  norm_eps=1e-6, max_seq_len=64)
+GQA = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=320, multiple_of=32,  # FFN 256
                   rope_theta=500000.0, max_seq_len=64)
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32
 
