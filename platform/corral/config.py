@@ -92,3 +92,112 @@ PRESETS: dict[str, dict] = {
         dim=512, n_layers=6, n_heads=8, vocab_size=8192, multiple_of=32, max_seq_len=512,
     ),
 }
+
+
+# == Training-side configs ======================================================================
+# Every step config is pydantic with extra="forbid", so a pipeline spec validates each step's
+# block (and names the bad field) before any cluster work starts.
+
+
+class DeepSpeedConfig(BaseModel):
+    """How the DeepSpeed strategy shards and steps the model (see `corral.train.strategy`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    zero_stage: int = Field(default=3, ge=0, le=3, description="0 = plain data parallel, 3 = shard params too")
+    bf16: bool = True  # bf16 matmuls are ~4x faster than fp32 on our CPUs and native on A100/H100
+    offload_optimizer: bool = False  # optimizer state in host memory (stage >= 1)
+    offload_params: bool = False  # parameters in host memory (stage 3 only)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    grad_clip: float = Field(default=1.0, ge=0, description="max global grad norm; 0 disables (Llama 2: 1.0)")
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+class OptimConfig(BaseModel):
+    """AdamW with a cosine schedule: the Llama 2 pretraining recipe by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(default=3e-4, gt=0, description="peak learning rate (Llama 2 7B/13B)")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="cosine decays to this fraction of peak")
+    warmup_steps: int = Field(default=2000, ge=0)
+    schedule: str = Field(default="cosine", pattern="^(cosine|constant)$")
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)  # not 0.999: Llama 2's value, steadier at scale
+    eps: float = Field(default=1e-5, gt=0)  # not 1e-8: Llama 2's value
+    weight_decay: float = Field(default=0.1, ge=0, description="on matrices and embeddings only, not norms")
+
+
+class ResourcesConfig(BaseModel):
+    """What one training run asks of the Ray cluster (becomes Ray Train's ScalingConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0, description="0 trains on CPU")
+    accelerator_type: str | None = Field(default=None, description="e.g. 'A100' or 'H100'; None = any")
+
+
+class TrackingConfig(BaseModel):
+    """Where MLflow records the run; the server comes from MLFLOW_TRACKING_URI."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str = "corral"
+    run_name: str | None = None
+
+
+class PrepareDataConfig(BaseModel):
+    """The data preparation step: corpus files -> packed token blocks + manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[str] = Field(min_length=1, description="files, directories or object-store URIs (s3://...)")
+    tokenizer: str | None = Field(default=None, description="tokenizer.model or its directory; else from inputs")
+    seq_len: int = Field(default=256, gt=0, description="model context; blocks hold seq_len + 1 tokens")
+    val_fraction: float = Field(default=0.05, ge=0, lt=1, description="share of documents held out")
+    output_format: str = Field(default="parquet", pattern="^(parquet|numpy)$")
+    docs_per_batch: int = Field(default=16, gt=0, description="documents packed together by one UDF call")
+    num_tokenizer_actors: int = Field(default=1, ge=1)
+    output_dir: str | None = Field(default=None, description="None = the pipeline's step directory")
+
+
+class TrainLoopConfig(BaseModel):
+    """The schedule of a training run, shared by pretraining and the later stages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    micro_batch_size: int = Field(default=8, ge=1, description="sequences per worker per forward")
+    max_steps: int = Field(default=1000, ge=1, description="optimizer steps")
+    eval_every: int = Field(default=100, ge=1)
+    eval_batches: int = Field(default=4, ge=1, description="global validation batches per evaluation")
+    checkpoint_every: int = Field(default=100, ge=1)
+    log_every: int = Field(default=1, ge=1)
+    seed: int = 0
+    max_failures: int = Field(default=2, ge=0, description="worker deaths survived by restarting from a checkpoint")
+
+
+class PretrainConfig(BaseModel):
+    """The pretraining step: a Llama 2 model trained from scratch on packed token blocks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | ModelConfig = Field(default="tiny", description="a preset name or a full ModelConfig")
+    data_dir: str | None = Field(default=None, description="prepare_data output; None = from the step inputs")
+    output_dir: str = Field(default=".corral/runs/pretrain", description="checkpoints and the final model")
+    loop: TrainLoopConfig = TrainLoopConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    optim: OptimConfig = OptimConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def model_config_resolved(self) -> ModelConfig:
+        return ModelConfig.preset(self.model) if isinstance(self.model, str) else self.model

@@ -1,0 +1,221 @@
+"""The Ray Train loop shared by every training stage: pretraining now, SFT and reward models next.
+
+A stage describes its run as a `TrainJob` (how to build the model, its loss, where the final
+model goes) and calls `fit(job, datasets)`. Each Ray Train worker then runs `train_worker`:
+build the model, wrap it in the DeepSpeed strategy, restore the latest checkpoint if Ray hands
+one over, and loop. Exact resume comes from three pieces of state saved in every checkpoint:
+the engine (model, optimizer, scheduler), the data position (`ShardStream`) and the RNG states.
+
+Data: every worker reads the whole dataset in the same fixed order (`preserve_order`) and takes
+its own slice of each global micro-batch. That costs each worker a full read, and buys a data
+position that is one integer, identical on all ranks, so a restart neither repeats nor skips a
+batch. Ray Data's dynamic `streaming_split` cannot promise that.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from corral import tracking
+from corral.config import DeepSpeedConfig, OptimConfig, ResourcesConfig, TrainLoopConfig
+from corral.train.strategy import DeepSpeedStrategy
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+
+
+@dataclass
+class TrainJob:
+    """One training run, as the driver hands it to every worker (pickled by Ray).
+
+    `build_model()` must give identical weights on every rank (seeded init or a loaded
+    checkpoint). `loss_fn(model, batch)` returns (loss, tokens it covers). `export(state, dir)`
+    runs on rank 0 at the end with the full fp32 state dict.
+    """
+
+    name: str
+    storage_path: str
+    build_model: Callable[[], nn.Module]
+    loss_fn: LossFn
+    loop: TrainLoopConfig
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    export: Callable[[dict[str, torch.Tensor], Path], None] | None = None
+    export_dir: str | None = None
+    mlflow_run_id: str | None = None
+
+
+class ShardStream:
+    """This rank's slice of every global micro-batch of a dataset, epoch after epoch.
+
+    Its state is the data position: (epoch, global micro-batches consumed in that epoch).
+    """
+
+    def __init__(self, shard, micro_batch_size: int, rank: int, world_size: int):
+        self.shard, self.mb, self.rank, self.world_size = shard, micro_batch_size, rank, world_size
+        self.epoch, self.batch_in_epoch = 0, 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            start = self.batch_in_epoch
+            for i, batch in enumerate(self.shard.iter_torch_batches(batch_size=self.mb * self.world_size,
+                                                                     drop_last=True)):
+                if i < start:  # trained on before the checkpoint we resumed from
+                    continue
+                self.batch_in_epoch = i + 1
+                yield {k: v[self.rank * self.mb:(self.rank + 1) * self.mb] for k, v in batch.items()}
+            if self.batch_in_epoch == 0:
+                raise ValueError(f"the training data holds fewer than one global batch "
+                                 f"({self.mb} x {self.world_size} workers sequences)")
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+
+
+@dataclass
+class Progress:
+    """Counters that survive restarts, and the throughput/ETA line printed by rank 0."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's `train_loop_per_worker`: the whole loop, on one screen."""
+    import ray.train
+
+    job: TrainJob = config["job"]
+    loop = job.loop
+    torch.manual_seed(loop.seed)
+    strategy = DeepSpeedStrategy(job.deepspeed, job.optim, loop.micro_batch_size, loop.max_steps)
+    model = strategy.prepare(job.build_model())
+    ctx = ray.train.get_context()
+    train = ShardStream(ray.train.get_dataset_shard("train"), loop.micro_batch_size,
+                        ctx.get_world_rank(), ctx.get_world_size())
+    progress = Progress()
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as d:
+            state = strategy.load(d)
+        train.load_state_dict(state["data"])
+        progress.load_state_dict(state["progress"])
+    resumed_from, t_start = progress.step, time.perf_counter()
+
+    batches = iter(train)
+    while progress.step < loop.max_steps:
+        t0, lr = time.perf_counter(), strategy.lr()  # the LR this step uses
+        strategy.train()
+        losses, tokens = [], 0
+        for _ in range(job.deepspeed.grad_accum_steps):
+            loss, n = job.loss_fn(model, next(batches))
+            strategy.backward(loss)
+            strategy.step()  # steps the optimizer and schedule only at the accumulation boundary
+            losses.append(loss.detach())
+            tokens += n * ctx.get_world_size()
+        progress.step, progress.tokens_seen = progress.step + 1, progress.tokens_seen + tokens
+
+        metrics = {}
+        if progress.step % loop.log_every == 0 or progress.step == loop.max_steps:
+            loss = strategy.all_reduce_mean(torch.stack(losses).mean()).item()  # sync: the mean over ranks
+            elapsed = time.perf_counter() - t0
+            metrics = {"loss": loss, "lr": lr, "grad_norm": strategy.grad_norm(),
+                       "tokens_per_s": tokens / elapsed, "tokens_seen": progress.tokens_seen}
+        if progress.step % loop.eval_every == 0 or progress.step == loop.max_steps:
+            val_loss = evaluate(strategy, model, job, ctx)
+            metrics |= {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
+        if metrics and strategy.is_rank0():
+            report_progress(job, progress, metrics, resumed_from, time.perf_counter() - t_start)
+        if progress.step % loop.checkpoint_every == 0 or progress.step == loop.max_steps:
+            save_checkpoint(strategy, train, progress, metrics | {"resumed_from": resumed_from})
+
+    if job.export is not None:
+        state = strategy.full_state_dict()  # collective: every rank takes part in the gather
+        if strategy.is_rank0():
+            job.export(state, Path(job.export_dir))
+    strategy.barrier()
+
+
+@torch.no_grad()
+def evaluate(strategy: DeepSpeedStrategy, model: nn.Module, job: TrainJob, ctx) -> float:
+    """Mean validation loss over the first `eval_batches` global batches (the same every time)."""
+    import ray.train
+
+    strategy.train(False)
+    stream = ShardStream(ray.train.get_dataset_shard("validation"), job.loop.micro_batch_size,
+                         ctx.get_world_rank(), ctx.get_world_size())
+    losses = []
+    for _, batch in zip(range(job.loop.eval_batches), stream):
+        losses.append(job.loss_fn(model, batch)[0])
+    strategy.train(True)
+    return strategy.all_reduce_mean(torch.stack(losses).mean()).item()
+
+
+def save_checkpoint(strategy: DeepSpeedStrategy, train: ShardStream, progress: Progress, metrics: dict) -> None:
+    """Every rank writes its shard to a local directory; Ray merges them into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="corral-ckpt-") as d:
+        strategy.save(d, {"data": train.state_dict(), "progress": progress.state_dict()})
+        ray.train.report({"step": progress.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"step_{progress.step:08d}")
+
+
+def report_progress(job: TrainJob, progress: Progress, metrics: dict, resumed_from: int, elapsed: float) -> None:
+    """Rank 0 only: one MLflow batch and one progress line with the ETA."""
+    if job.mlflow_run_id:
+        tracking.log_metrics(job.mlflow_run_id, metrics, step=progress.step)
+    done = progress.step - resumed_from
+    eta = elapsed / max(done, 1) * (job.loop.max_steps - progress.step)
+    line = f"step {progress.step}/{job.loop.max_steps} loss {metrics.get('loss', float('nan')):.4f}"
+    if "tokens_per_s" in metrics:
+        line += f" tok/s {metrics['tokens_per_s']:,.0f}"
+    if "val_loss" in metrics:
+        line += f" val_loss {metrics['val_loss']:.4f}"
+    print(f"{line} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr, flush=True)
+
+
+def fit(job: TrainJob, datasets: dict):
+    """Run `job` on a Ray Train TorchTrainer; resumes from the run's latest checkpoint if there is one.
+
+    Re-running with the same `name` and `storage_path` continues a finished or failed run.
+    """
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    r = job.resources
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, accelerator_type=r.accelerator_type,
+            resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            name=job.name, storage_path=str(Path(job.storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=job.loop.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        # No split: every worker reads all rows in order and takes its slice (see the module doc).
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    return trainer.fit()

@@ -1,0 +1,210 @@
+"""The DeepSpeed strategy: the one place in corral that calls `deepspeed.*` (OpenRLHF's pattern).
+
+Stage code builds a model, hands it to `DeepSpeedStrategy.prepare`, then only calls `forward`,
+`backward`, `step`, `save`, `load` and `full_state_dict`. ZeRO stage, bf16, CPU offload, gradient
+accumulation and clipping come from `DeepSpeedConfig`; nothing else changes between a 2-core CPU
+(gloo) and a GPU cluster (NCCL).
+
+Checkpoints are DeepSpeed's own files (each rank writes its own shard). Loading them unpickles
+(`torch.load(weights_only=False)` inside DeepSpeed): acceptable only because they are files this
+run wrote itself; never point `load` at a checkpoint from elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from corral.config import DeepSpeedConfig, OptimConfig
+from corral.train.schedule import lr_lambda
+
+CHECKPOINT_TAG = "state"  # one tag per checkpoint directory: the directory itself is versioned by Ray
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (linear layers, embeddings), none on norm gains.
+
+    Decaying RMSNorm gains pulls them towards 0 and shrinks the residual stream; Llama 2, like
+    GPT-2 and nanoGPT, decays only the 2-D weights.
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states as tensors and numbers, so `weights_only=True` reads them."""
+    version, py_keys, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": version, "keys": torch.tensor(py_keys, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["keys"].tolist()), py["gauss"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class DeepSpeedStrategy:
+    """Wraps one model in a DeepSpeed engine: ZeRO 0-3, bf16, offload, accumulation, clipping."""
+
+    def __init__(self, ds: DeepSpeedConfig, optim: OptimConfig, micro_batch_size: int, max_steps: int):
+        self.ds, self.optim = ds, optim
+        self.micro_batch_size, self.max_steps = micro_batch_size, max_steps
+        self.engine = None
+
+    # -- process group ---------------------------------------------------------------------------
+    @staticmethod
+    def init_distributed() -> None:
+        """Join (or, alone, create) the process group DeepSpeed uses; gloo on CPU, NCCL on GPU.
+
+        Under Ray Train the group already exists; a standalone script gets a world of one.
+        """
+        import deepspeed
+
+        if not dist.is_initialized():
+            for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                                 ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+                os.environ.setdefault(var, default)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def deepspeed_config(self) -> dict:
+        zero: dict = {"stage": self.ds.zero_stage}
+        if self.ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if self.ds.offload_params:
+            zero["offload_param"] = {"device": "cpu"}
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": self.ds.grad_accum_steps,
+            "gradient_clipping": self.ds.grad_clip,
+            "bf16": {"enabled": self.ds.bf16},
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,  # torch's AdamW: the groups above need a client optimizer
+            "steps_per_print": 1 << 30,  # corral logs; DeepSpeed stays quiet
+            "wall_clock_breakdown": False,
+        }
+
+    # -- build -----------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Wrap `model` with AdamW (Llama 2 betas/eps/decay) and the warmup-cosine schedule."""
+        import deepspeed
+
+        self.init_distributed()
+        o = self.optim
+        groups = param_groups(model, o.weight_decay)
+        if self.ds.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, self.max_steps))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.deepspeed_config()
+        )
+        return self.engine
+
+    # -- one step --------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch; DeepSpeed scales by 1/grad_accum_steps itself."""
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        """Optimizer + schedule step at an accumulation boundary (clipping included); True if it stepped."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    def grad_norm(self) -> float:
+        """Global gradient norm before clipping, of the last optimizer step."""
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.lr_scheduler.get_last_lr()[0]
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    # -- collectives -----------------------------------------------------------------------------
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (a host-device sync on GPU when the caller reads it)."""
+        value = value.detach().to(self.device, torch.float32).clone()
+        if self.world_size > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.world_size
+        return value
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike, client_state: dict) -> None:
+        """Every rank writes its shard of model, optimizer and scheduler, plus its RNG states.
+
+        Collective. `client_state` (data position, step, ...) is stored with the model states.
+        """
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state=client_state)
+        torch.save(rng_state(), Path(directory) / f"rng_rank{self.rank}.pt")
+
+    def load(self, directory: str | os.PathLike) -> dict:
+        """Restore model, optimizer, scheduler and this rank's RNG; returns the client state."""
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r} in {directory}")
+        set_rng_state(torch.load(Path(directory) / f"rng_rank{self.rank}.pt", weights_only=True))
+        return client_state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model in fp32 (gathered from the ZeRO shards) on rank 0; None on other ranks.
+
+        Collective: every rank must call it.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, p in self.engine.module.named_parameters():
+            full = safe_get_full_fp32_param(p)  # all-gather under ZeRO-3; None without a master copy
+            if full is None:
+                full = p.detach()
+            if self.is_rank0():
+                state[name] = full.detach().float().cpu().clone()
+        return state if self.is_rank0() else None
