@@ -1,0 +1,367 @@
+"""Sampling and a continuous-batching generation engine over a KV-cache slot pool.
+
+One engine serves every caller. RLHF rollouts, rejection sampling and evaluation call `generate`
+(synchronous: a batch of prompts in, token ids out); the Serve model server calls `stream`
+(async: one request, its tokens as they are produced). Both run the same `step`:
+
+1. admit waiting requests into free cache slots and prefill them, one prompt per forward, up to
+   `max_prefill_tokens` per step so that running requests keep decoding while new ones arrive;
+2. decode one token for every running request in one batched forward (each row attends only
+   to its own slot, at its own position);
+3. sample every row with its own parameters and its own random stream, detokenize, check stop
+   tokens and stop strings, and retire finished requests, freeing their slots for the next step.
+
+A request's tokens depend only on its prompt, parameters and seed: prefill runs it alone and a
+decode row reads only its own slot. The batch size changes which matrix-multiply kernel runs, so
+logits can differ from a batch-1 run in the last bits (~1e-6 in fp32); greedy tokens are the same
+unless two logits tie to that precision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import threading
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.model import KVCache, Transformer
+from corral.tokenizer import Tokenizer
+
+
+class SamplingParams(BaseModel):
+    """How one request samples. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    stop: list[str] = Field(default_factory=list, description="stop strings; the text ends before the first match")
+    stop_token_ids: list[int] | None = Field(default=None, description="None = the tokenizer's EOS")
+    ignore_eos: bool = Field(default=False, description="keep generating past EOS (benchmarks)")
+    seed: int | None = Field(default=None, description="same seed, prompt and params -> same tokens")
+
+
+@dataclass
+class Output:
+    """What one request produced since its previous Output (a streaming delta)."""
+
+    request_id: int
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    completion_tokens: int  # so far, EOS included
+    finish_reason: str | None = None  # "stop" | "length" once finished
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    on_output: Callable[[Output], None]
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    tokens: list[int] = field(default_factory=list)
+    slot: int | None = None
+    emitted_text: str = ""
+    finish_reason: str | None = None
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+           uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row of logits (bsz, vocab), each row with its own parameters.
+
+    Rows with temperature 0 take the argmax. The others sample from softmax(logits / T) restricted
+    to the top_k most likely tokens (0 = all) and to the smallest set whose mass reaches top_p, by
+    inverse CDF with the row's own uniform draw in [0, 1): a row's token depends only on its
+    logits, its parameters and its draw, never on the other rows of the batch.
+    """
+    bsz, vocab = logits.shape
+    greedy = logits.argmax(-1)
+    probs = torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (bsz, vocab)
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p[:, None]  # mass before this token < top_p
+    keep &= rank < torch.where(top_k > 0, top_k, vocab)[:, None]
+    keep[:, 0] = True  # the most likely token always survives
+    kept = sorted_probs * keep
+    threshold = uniform * kept.sum(-1)  # (bsz,)
+    choice = (kept.cumsum(-1) <= threshold[:, None]).sum(-1).clamp(max=vocab - 1)
+    sampled = order.gather(1, choice[:, None])[:, 0]
+    return torch.where(temperature == 0, greedy, sampled)
+
+
+class Engine:
+    """Continuous batching of generation requests over a fixed pool of KV-cache slots.
+
+    The pool holds `max_batch_size` sequences of up to `max_seq_len` tokens each, allocated once
+    (its memory is `cache.nbytes()`); requests beyond it wait in a FIFO queue and are admitted as
+    slots free up. `cancel` frees a request's slot at once.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch_size: int = 32,
+                 max_seq_len: int | None = None, max_prefill_tokens: int = 512):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_seq_len = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.max_prefill_tokens = max_prefill_tokens
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = KVCache(model.config, max_batch_size, self.max_seq_len, dtype=param.dtype,
+                             device=param.device)
+        self._free_slots = deque(range(max_batch_size))
+        self._waiting: deque[_Request] = deque()
+        self._running: dict[int, _Request] = {}  # request id -> request holding a slot
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # guards the queues; held only briefly, never across a forward
+        self._work = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()  # one step at a time: background loop or generate()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.cancelled_total = 0
+
+    # -- submitting and cancelling -------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], params: SamplingParams, on_output: Callable[[Output], None]) -> int:
+        """Queue a request; `on_output` is called from the engine's thread with every delta."""
+        prompt = list(prompt)
+        self.check_fits(len(prompt), params.max_tokens)
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: build the Engine with one, or use stop_token_ids")
+        stop_ids = params.stop_token_ids
+        if stop_ids is None:
+            stop_ids = [] if self.tokenizer is None else [self.tokenizer.eos_id]
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        request = _Request(id=next(self._ids), prompt=prompt, params=params, on_output=on_output,
+                           generator=torch.Generator().manual_seed(seed),
+                           stop_ids=frozenset() if params.ignore_eos else frozenset(stop_ids))
+        with self._work:
+            self._waiting.append(request)
+            self._work.notify()
+        return request.id
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ValueError unless a prompt and its completion fit one cache slot."""
+        if prompt_tokens < 1:
+            raise ValueError("the prompt is empty: give at least one token")
+        if prompt_tokens + max_tokens > self.max_seq_len:
+            raise ValueError(
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context "
+                f"of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens"
+            )
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a request; its cache slot is free for the next step. False if it already finished."""
+        with self._lock:
+            request = self._running.pop(request_id, None)
+            if request is not None:
+                self._free_slots.append(request.slot)
+            else:
+                request = next((r for r in self._waiting if r.id == request_id), None)
+                if request is None:
+                    return False
+                self._waiting.remove(request)
+            request.finish_reason = "cancelled"
+            self.cancelled_total += 1
+            return True
+
+    def stats(self) -> dict[str, int]:
+        """Running and queued requests and cache use, for metrics."""
+        with self._lock:
+            return {
+                "running": len(self._running),
+                "waiting": len(self._waiting),
+                "slots_total": self.cache.n_slots,
+                "slots_used": self.cache.n_slots - len(self._free_slots),
+                "cache_tokens_used": sum(len(r.prompt) + len(r.tokens) for r in self._running.values()),
+                "cache_tokens_total": self.cache.n_slots * self.max_seq_len,
+                "cancelled_total": self.cancelled_total,
+            }
+
+    # -- the step --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit and prefill what fits, then decode one token for every running request."""
+        with self._step_lock:
+            for request in self._admit():
+                slot = torch.tensor([request.slot], device=self.device)
+                tokens = torch.tensor([request.prompt], device=self.device)  # (1, prompt_len)
+                logits = self.model(tokens, self.cache, slot, torch.zeros_like(slot), last_only=True)
+                self._sample_and_advance([request], logits[:, -1])
+            with self._lock:
+                batch = list(self._running.values())
+            if not batch:
+                return
+            tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=self.device)  # (bsz, 1)
+            slots = torch.tensor([r.slot for r in batch], device=self.device)
+            positions = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in batch], device=self.device)
+            logits = self.model(tokens, self.cache, slots, positions, last_only=True)
+            self._sample_and_advance(batch, logits[:, -1])
+
+    def _admit(self) -> list[_Request]:
+        """Move waiting requests into free slots, FIFO, within the step's prefill budget."""
+        admitted, budget = [], self.max_prefill_tokens
+        with self._lock:
+            while self._waiting and self._free_slots:
+                if admitted and len(self._waiting[0].prompt) > budget:
+                    break
+                request = self._waiting.popleft()
+                request.slot = self._free_slots.popleft()
+                self._running[request.id] = request
+                budget -= len(request.prompt)
+                admitted.append(request)
+        return admitted
+
+    def _sample_and_advance(self, batch: list[_Request], logits: torch.Tensor) -> None:
+        """Sample one token per request from its logits row (bsz, vocab) and deliver the deltas."""
+        params = [r.params for r in batch]
+        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=logits.device)  # noqa: E731
+        uniform = torch.cat([torch.rand(1, generator=r.generator) for r in batch]).to(logits.device)
+        next_tokens = sample(
+            logits, as_tensor([p.temperature for p in params], torch.float32),
+            as_tensor([p.top_p for p in params], torch.float32), as_tensor([p.top_k for p in params], torch.long),
+            uniform,
+        ).tolist()  # host-device sync: one per step
+        for request, token in zip(batch, next_tokens):
+            if request.finish_reason is None:  # not cancelled while the forward ran
+                self._advance(request, token)
+
+    def _advance(self, request: _Request, token: int) -> None:
+        request.tokens.append(token)
+        text, finish = self._text_so_far(request)
+        if finish is None and (len(request.tokens) >= request.params.max_tokens
+                               or len(request.prompt) + len(request.tokens) >= self.max_seq_len):
+            finish = "length"
+        if finish is not None:
+            self._release(request, finish)
+        else:
+            text = _hold_back(text, request.params.stop)
+        delta = text[len(request.emitted_text):] if text.startswith(request.emitted_text) else ""
+        request.emitted_text += delta
+        request.on_output(Output(request.id, [token], delta, len(request.prompt), len(request.tokens), finish))
+
+    def _text_so_far(self, request: _Request) -> tuple[str, str | None]:
+        """The completion's text and "stop" when a stop token or stop string ended it."""
+        stopped = request.tokens[-1] in request.stop_ids
+        if self.tokenizer is None:
+            return "", "stop" if stopped else None
+        tokens = request.tokens[:-1] if stopped else request.tokens
+        anchor = request.prompt[-1:]  # decoding after the prompt's last token keeps a leading space
+        anchor_text = self.tokenizer.decode(anchor)
+        text = self.tokenizer.decode(anchor + tokens)
+        text = text[len(anchor_text):] if text.startswith(anchor_text) else self.tokenizer.decode(tokens)
+        if stopped:
+            return text, "stop"
+        for stop in request.params.stop:
+            # only text not yet emitted can hold a new match
+            at = text.find(stop, max(0, len(request.emitted_text) - len(stop) + 1))
+            if at >= 0:
+                return text[:at], "stop"
+        return text, None
+
+    def _release(self, request: _Request, finish_reason: str) -> None:
+        with self._lock:
+            request.finish_reason = finish_reason
+            if self._running.pop(request.id, None) is not None:
+                self._free_slots.append(request.slot)
+
+    # -- synchronous batch API (RLHF rollouts, evaluation) -----------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        """Completion token ids for every prompt (stop token included when it ended the sequence).
+
+        With `params.seed` set, prompt i samples with seed + i: K copies of one prompt give K
+        different samples, and the whole batch is reproducible.
+        """
+        tokens: dict[int, list[int]] = defaultdict(list)
+        finished: set[int] = set()
+        done = threading.Event()
+
+        def collect(out: Output) -> None:
+            tokens[out.request_id] += out.token_ids
+            if out.finished:
+                finished.add(out.request_id)
+                if len(finished) == len(prompts):
+                    done.set()
+
+        seeded = lambda i: params if params.seed is None else params.model_copy(update={"seed": params.seed + i})  # noqa: E731
+        ids = [self.submit(prompt, seeded(i), collect) for i, prompt in enumerate(prompts)]
+        while ids and not done.is_set():
+            if self._thread is None:
+                self.step()
+            else:
+                done.wait(timeout=0.1)
+        return [tokens[i] for i in ids]
+
+    # -- asynchronous streaming API (serving) ------------------------------------------------------
+    async def stream(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[Output]:
+        """Yield one request's deltas as the background loop produces them.
+
+        Deltas that pile up while the consumer is busy are merged into one. Leaving the loop early
+        (a client that disconnects cancels the task) frees the request's cache slot at once.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Output] = asyncio.Queue()
+        request_id = self.submit(prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        self.start()
+        try:
+            while True:
+                out = await queue.get()
+                while not out.finished and not queue.empty():
+                    nxt = queue.get_nowait()
+                    out = Output(out.request_id, out.token_ids + nxt.token_ids, out.text + nxt.text,
+                                 nxt.prompt_tokens, nxt.completion_tokens, nxt.finish_reason)
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self.cancel(request_id)  # no-op when it finished
+
+    def start(self) -> None:
+        """Run steps on a background thread whenever there is work (idempotent)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="corral-engine", daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        with self._work:
+            self._closed = True
+            self._work.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            with self._work:
+                while not (self._waiting or self._running or self._closed):
+                    self._work.wait()
+                if self._closed:
+                    return
+            self.step()
+
+
+def _hold_back(text: str, stops: list[str]) -> str:
+    """Text safe to stream: without a trailing partial UTF-8 character or a possible stop-string start."""
+    text = text.rstrip("\ufffd")  # byte-fallback pieces of a character not yet complete
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                text = text[:-n]
+                break
+    return text

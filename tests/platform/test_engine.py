@@ -1,0 +1,150 @@
+"""The generation engine: sampling math, continuous batching against a no-cache reference, stops, cancel."""
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from corral.config import ModelConfig
+from corral.engine import Engine, SamplingParams, sample
+from corral.model import Transformer
+
+TINY = ModelConfig.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(TINY).init_weights(seed=0).eval()
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by full forwards, no cache: the independent reference."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (n,), generator=g).tolist()
+    return [torch.randint(3, TINY.vocab_size, (length,), generator=g).tolist() for length in lengths]
+
+
+# -- sampling -------------------------------------------------------------------------------------
+def test_sample_filters_by_hand():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()[None].repeat(4, 1)
+    t, p, k = torch.ones(4), torch.full((4,), 0.8), torch.zeros(4, dtype=torch.long)
+    # top_p 0.8 keeps tokens 0 and 1 (mass 0.8); threshold u * 0.8 picks 0 below 0.5, else 1
+    u = torch.tensor([0.0, 0.6, 0.7, 0.999])
+    assert sample(logits, t, p, k, u).tolist() == [0, 0, 1, 1]
+    # top_k 3 keeps mass 0.95: u * 0.95 >= 0.8 lands on token 2
+    assert sample(logits, t, torch.ones(4), torch.full((4,), 3), u).tolist() == [0, 1, 1, 2]
+    # temperature 0 is argmax whatever the draw; top_k 1 and a tiny top_p are too
+    assert sample(logits, torch.zeros(4), torch.ones(4), k, u).tolist() == [0, 0, 0, 0]
+    assert sample(logits, t, torch.ones(4), torch.ones(4, dtype=torch.long), u).tolist() == [0, 0, 0, 0]
+    assert sample(logits, t, torch.full((4,), 1e-3), k, u).tolist() == [0, 0, 0, 0]
+
+
+def test_sample_matches_the_tempered_distribution():
+    torch.manual_seed(0)
+    n, temperature = 20000, 0.7
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    draws = sample(logits[None].repeat(n, 1), torch.full((n,), temperature), torch.ones(n),
+                   torch.zeros(n, dtype=torch.long), torch.rand(n))
+    expected = torch.softmax(logits / temperature, -1)
+    observed = torch.bincount(draws, minlength=5).float() / n
+    torch.testing.assert_close(observed, expected, atol=0.015, rtol=0)
+
+
+# -- the engine -------------------------------------------------------------------------------------
+def test_greedy_matches_full_forward_reference(model):
+    engine = Engine(model, max_batch_size=4)
+    ps = prompts(3)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    assert engine.generate(ps, params) == [reference_greedy(model, p, 12) for p in ps]
+
+
+def test_continuous_batching_equals_each_request_alone(model):
+    """More requests than slots, of different lengths: admitted as slots free up, same tokens."""
+    ps = prompts(10, seed=1)
+    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0) for i in range(len(ps))]
+    alone = [Engine(model, max_batch_size=1).generate([p], sp)[0] for p, sp in zip(ps, params)]
+    engine = Engine(model, max_batch_size=3)
+    results: dict[int, list[int]] = {}
+    ids = [engine.submit(p, sp, lambda out: results.setdefault(out.request_id, []).extend(out.token_ids))
+           for p, sp in zip(ps, params)]
+    engine.step()
+    stats = engine.stats()
+    assert stats["slots_used"] == 3 and stats["running"] == 3 and stats["waiting"] == 7  # full pool: requests wait
+    while engine.stats()["running"] or engine.stats()["waiting"]:
+        engine.step()
+    assert [results[i] for i in ids] == alone
+    assert [len(r) for r in alone] == [sp.max_tokens for sp in params]
+    assert engine.stats()["slots_used"] == 0
+
+
+def test_seed_makes_sampling_reproducible(model):
+    engine = Engine(model, max_batch_size=8)
+    p = prompts(1)[0]
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    first = engine.generate([p, p, p], params)
+    assert engine.generate([p, p, p], params) == first
+    assert len({tuple(x) for x in first}) == 3  # prompt i samples with seed + i
+    assert engine.generate([p], params.model_copy(update={"seed": 8}))[0] != first[0]
+
+
+def test_stop_token_and_length_finish(model):
+    engine = Engine(model, max_batch_size=2)
+    p = prompts(1)[0]
+    greedy = engine.generate([p], SamplingParams(max_tokens=10, temperature=0))[0]
+    stop = greedy[4]
+    stopped = engine.generate([p], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop]))[0]
+    assert stopped == greedy[: greedy.index(stop) + 1]
+
+
+def test_stop_strings_end_the_text_and_stream_deltas_add_up(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    prompt = tokenizer.encode("The king said")
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    async def run(sp):
+        outs = [out async for out in engine.stream(prompt, sp)]
+        return "".join(o.text for o in outs), outs[-1]
+
+    text, last = asyncio.run(run(params))
+    assert last.finish_reason == "length" and last.completion_tokens == 24
+    anchor = tokenizer.decode(prompt[-1:])  # the completion's text keeps its leading space
+    assert text == tokenizer.decode(prompt[-1:] + engine.generate([prompt], params)[0])[len(anchor):]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    cut, last = asyncio.run(run(params.model_copy(update={"stop": ["zzzq", stop]})))
+    assert cut == text[: text.index(stop)] and last.finish_reason == "stop"
+    engine.close()
+
+
+def test_cancel_frees_the_slot_at_once(model):
+    engine = Engine(model, max_batch_size=2)
+
+    async def run():
+        stream = engine.stream(prompts(1)[0], SamplingParams(max_tokens=200, temperature=0))
+        await anext(stream)
+        assert engine.stats()["slots_used"] == 1
+        await stream.aclose()  # what a disconnected client's cancelled task does
+        return engine.stats()
+
+    stats = asyncio.run(run())
+    assert stats["slots_used"] == 0 and stats["running"] == 0 and stats["cancelled_total"] == 1
+    engine.close()
+
+
+def test_prompt_that_does_not_fit_is_rejected(model):
+    engine = Engine(model, max_batch_size=1)
+    with pytest.raises(ValueError, match="exceeds the context of 256 tokens"):
+        engine.submit([5] * 250, SamplingParams(max_tokens=10), print)
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], SamplingParams(), print)
+    with pytest.raises(ValueError, match="token ids"):
+        engine.submit([TINY.vocab_size], SamplingParams(), print)
+    assert math.isclose(engine.cache.nbytes(), 2 * 4 * 256 * 2 * 32 * 4)  # (k, v) x layers x seq x kv x hd x fp32
