@@ -1,0 +1,121 @@
+"""SFT examples: dialogs -> token ids with a loss mask over the answers, Ghost Attention, packing.
+
+The layout is Meta's chat template, token for token: each finished turn is
+BOS + encode("[INST] {user} [/INST] {answer} ") + EOS, the system prompt folded into the first user
+message. The prompt part of a turn tokenises exactly as `Tokenizer.encode_chat` (serving) does,
+because every piece of the answer starts after a space: SentencePiece never merges across it.
+The loss covers the answer tokens and the EOS that ends them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from corral.tokenizer import B_INST, E_INST, ChatFormatError, Tokenizer, chat_turns
+
+IGNORE = -100  # label of positions without loss (torch's cross_entropy ignore_index)
+
+
+def dialog_turns(messages: Sequence[dict]) -> list[tuple[str, str]]:
+    """Validate a finished dialog (ending with the assistant) and fold it into (user, answer) turns."""
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ChatFormatError("a training dialog must end with an assistant message")
+    turns = chat_turns(messages[:-1])
+    return turns[:-1] + [(turns[-1][0], messages[-1]["content"].strip())]
+
+
+def encode_dialog(tokenizer: Tokenizer, messages: Sequence[dict], loss_turns: str = "all") -> tuple[list[int], list[bool]]:
+    """Token ids of a finished dialog and, per token, whether the loss predicts it.
+
+    loss_turns: "all" trains on every answer, "last" only on the final one (Ghost Attention).
+    """
+    if loss_turns not in ("all", "last"):
+        raise ValueError(f"loss_turns must be 'all' or 'last', not {loss_turns!r}")
+    turns = dialog_turns(messages)
+    ids: list[int] = []
+    mask: list[bool] = []
+    for i, (user, answer) in enumerate(turns):
+        prompt = tokenizer.encode(f"{B_INST} {user} {E_INST}", bos=True)
+        turn = tokenizer.encode(f"{B_INST} {user} {E_INST} {answer} ", bos=True, eos=True)
+        if turn[: len(prompt)] != prompt:  # cannot happen with a Llama-style tokenizer; guard anyway
+            raise ChatFormatError(f"turn {i}: the answer changes the tokens of its prompt; the tokenizer "
+                                  f"must split on whitespace (train it with corral.tokenizer.train_tokenizer)")
+        trained = loss_turns == "all" or i == len(turns) - 1
+        ids += turn
+        mask += [False] * len(prompt) + [trained] * (len(turn) - len(prompt))
+    return ids, mask
+
+
+def gatt(messages: Sequence[dict]) -> list[dict]:
+    """Ghost Attention (Llama 2, section 3.3): the training form of a dialog sampled with a system
+    instruction attached to every user message.
+
+    The input is either that sampling form (a system message whose text also starts every user
+    message) or already a system message followed by plain turns. The output keeps the instruction
+    only in the first turn, as the system prompt; encode it with loss_turns="last" so earlier
+    turns, which were sampled with the instruction in view, carry no loss.
+    """
+    if not messages or messages[0].get("role") != "system":
+        raise ChatFormatError("a Ghost Attention dialog must start with the system instruction")
+    instruction = messages[0]["content"].strip()
+    out = [dict(messages[0])]
+    for m in messages[1:]:
+        content = m["content"].strip()
+        if m["role"] == "user" and content.startswith(instruction):
+            content = content[len(instruction):].strip()
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def encode_record(tokenizer: Tokenizer, record: dict, use_gatt: bool = True) -> tuple[list[int], list[bool]]:
+    """An SFT record (formats.SFTRecord) as ids + loss mask, with Ghost Attention where marked."""
+    if use_gatt and record.get("gatt"):
+        return encode_dialog(tokenizer, gatt(record["messages"]), loss_turns="last")
+    return encode_dialog(tokenizer, record["messages"])
+
+
+def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Pack whole dialogs, in order, into rows of `seq_len` inputs with next-token labels.
+
+    A dialog is never split across rows: every answer sees its whole prompt. Labels are the next
+    token where the mask says so, else IGNORE; a dialog's first token (its BOS) is never a label,
+    so no loss position ever predicts a token of another dialog. Dialogs longer than a row are
+    dropped (counted in `dropped`); the tail of a row is padding with no loss.
+    Returns {"input_ids": (rows, seq_len) int64, "labels": (rows, seq_len) int64, "dropped": int}.
+    """
+    rows_ids: list[list[int]] = []
+    rows_mask: list[list[bool]] = []
+    ids: list[int] = []
+    mask: list[bool] = []
+    dropped = 0
+    for ex_ids, ex_mask in examples:
+        if len(ex_ids) > seq_len + 1:
+            dropped += 1
+            continue
+        if len(ids) + len(ex_ids) > seq_len + 1:
+            rows_ids.append(ids)
+            rows_mask.append(mask)
+            ids, mask = [], []
+        ids.extend(ex_ids)
+        mask.extend([False, *ex_mask[1:]])
+    if ids:
+        rows_ids.append(ids)
+        rows_mask.append(mask)
+    n = len(rows_ids)
+    tokens = np.full((n, seq_len + 1), pad_id, dtype=np.int64)
+    loss = np.zeros((n, seq_len + 1), dtype=bool)
+    for r, (row_ids, row_mask) in enumerate(zip(rows_ids, rows_mask)):
+        tokens[r, : len(row_ids)] = row_ids
+        loss[r, : len(row_mask)] = row_mask
+    labels = np.where(loss[:, 1:], tokens[:, 1:], IGNORE)
+    return {"input_ids": tokens[:, :-1], "labels": labels, "dropped": dropped}
+
+
+def sft_loss(model, batch: dict) -> tuple:
+    """Mean cross-entropy over the answer tokens of a packed batch; returns (loss, tokens it covers)."""
+    from corral.train.losses import causal_lm_loss
+
+    labels = batch["labels"].long()  # (bsz, seq_len), IGNORE outside answers
+    return causal_lm_loss(model(batch["input_ids"].long()), labels, ignore_index=IGNORE), int((labels != IGNORE).sum())

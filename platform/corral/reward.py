@@ -1,0 +1,148 @@
+"""Reward models (Llama 2, section 3.2.2): the transformer with a scalar head instead of the LM head.
+
+The reward of a (prompt, answer) dialog is the head's value at its last token, the EOS that ends
+the answer. Training uses the binary ranking loss with a margin that grows with the rating:
+`-log sigmoid(r(x, y_chosen) - r(x, y_rejected) - m(rating))`.
+
+A reward checkpoint is a corral checkpoint directory whose `corral.json` says `"head": "reward"`;
+its `output.weight` is (1, dim). `load_reward_model(path)` gives the model that PPO, rejection
+sampling and evaluation score with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corral.checkpoint import CORRAL_CONFIG, WEIGHTS_FILE, CheckpointError, load_model, load_tokenizer, save_model
+from corral.config import ModelConfig
+from corral.model import Transformer
+from corral.tokenizer import Tokenizer
+
+# The paper's table 28: margin by rating. "none" is the plain binary ranking loss.
+MARGINS: dict[str, dict[str, float]] = {
+    "large": {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0, "negligibly_better": 0.0},
+    "small": {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0},
+    "none": {"significantly_better": 0.0, "better": 0.0, "slightly_better": 0.0, "negligibly_better": 0.0},
+}
+RATINGS = tuple(MARGINS["large"])
+
+
+def margin_of(ratings: Sequence[str], margin: str) -> torch.Tensor:
+    """The margin m(rating) of each pair under the "large", "small" or "none" setting."""
+    if margin not in MARGINS:
+        raise ValueError(f"unknown margin setting {margin!r}; choose one of {', '.join(MARGINS)}")
+    try:
+        return torch.tensor([MARGINS[margin][r] for r in ratings], dtype=torch.float32)
+    except KeyError as e:
+        raise ValueError(f"unknown rating {e.args[0]!r}; expected one of {', '.join(RATINGS)}") from None
+
+
+def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """Mean of -log sigmoid(r_chosen - r_rejected - margin) over pairs, in fp32."""
+    return -F.logsigmoid(chosen.float() - rejected.float() - margin.float()).mean()
+
+
+def pairwise_metrics(chosen: Sequence[float], rejected: Sequence[float], ratings: Sequence[str]) -> dict[str, float]:
+    """Pairwise accuracy (chosen scored above rejected) overall and per rating, and the mean gap."""
+    c, r = torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
+    right = (c > r).double()
+    out = {"accuracy": right.mean().item(), "reward_gap": (c - r).mean().item()}
+    for rating in RATINGS:
+        sel = torch.tensor([x == rating for x in ratings], dtype=torch.bool)
+        if sel.any():
+            out[f"accuracy_{rating}"] = right[sel].mean().item()
+    return out
+
+
+class RewardModel(Transformer):
+    """Llama 2 whose `output` projects to one scalar instead of the vocabulary.
+
+    Keeps Meta's parameter names, so an SFT checkpoint loads into everything but the head.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.output = nn.Linear(config.dim, 1, bias=False)
+        self.tokenizer: Tokenizer | None = None
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens (bsz, seqlen), right-padded; lengths (bsz,) -> rewards (bsz,), read at the last token."""
+        values = super().forward(tokens)[..., 0]  # (bsz, seqlen)
+        return values.gather(1, (lengths.long() - 1)[:, None]).squeeze(1)
+
+    @classmethod
+    def from_lm(cls, lm: Transformer) -> "RewardModel":
+        """A reward model from a language model: every weight but the head, which starts at zero."""
+        rm = cls(lm.config)
+        state = {k: v for k, v in lm.state_dict().items() if k != "output.weight"}
+        rm.load_state_dict(state, strict=False)
+        nn.init.zeros_(rm.output.weight)  # all rewards start equal: the first steps see the plain margin loss
+        return rm
+
+    # -- scoring -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_batch(self, dialogs: Sequence[Sequence[dict]], batch_size: int = 32) -> list[float]:
+        """Rewards of finished dialogs (each ending with the assistant's answer to score)."""
+        from corral.data.sft import encode_dialog
+
+        if self.tokenizer is None:
+            raise ValueError("this reward model has no tokenizer; load it with corral.load_reward_model")
+        self.eval()
+        device = self.output.weight.device
+        encoded = [encode_dialog(self.tokenizer, d)[0][-self.config.max_seq_len:] for d in dialogs]
+        out: list[float] = []
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i:i + batch_size]
+            tokens, lengths = pad_batch(chunk)
+            out += self(tokens.to(device), lengths.to(device)).float().tolist()
+        return out
+
+    def score(self, messages: Sequence[dict]) -> float:
+        """The reward of one finished dialog: prompt turns, then the answer to score."""
+        return self.score_batch([messages])[0]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into (bsz, max_len) and return their lengths (bsz,)."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    tokens = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return tokens, lengths
+
+
+def save_reward_model(model: RewardModel, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
+    return save_model(model, out_dir, tokenizer=model.tokenizer, metadata={"head": "reward", **(metadata or {})})
+
+
+def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> RewardModel:
+    """A reward checkpoint written by the reward step, ready to `score(messages)`."""
+    p = Path(path)
+    info_file = p / CORRAL_CONFIG
+    if not info_file.is_file():
+        raise CheckpointError(f"{p}: no {CORRAL_CONFIG}; expected a reward model written by the reward step")
+    info = json.loads(info_file.read_text())
+    if info.get("head") != "reward":
+        raise CheckpointError(f"{info_file}: not a reward model (no \"head\": \"reward\"); "
+                              f"train one with pipelines/steps/reward.py")
+    from safetensors.torch import load_file
+
+    model = RewardModel(ModelConfig(**info["model"]))
+    state = load_file(p / WEIGHTS_FILE)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{p / WEIGHTS_FILE}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+    model.tokenizer = load_tokenizer(p)
+    return model.to(dtype).eval()
+
+
+def reward_model_from_checkpoint(path: str | os.PathLike) -> RewardModel:
+    """A fresh reward model initialised from any checkpoint `corral.load_model` reads (the SFT model)."""
+    return RewardModel.from_lm(load_model(path))

@@ -1,0 +1,144 @@
+"""SFT encoding: Meta's chat layout, loss only on answers, Ghost Attention, packing, the SFT loss."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from corral.data.sft import IGNORE, encode_dialog, encode_record, gatt, pack, sft_loss
+from corral.data.tasks import TaskSuite
+from corral.tokenizer import B_INST, E_INST, ChatFormatError
+
+DIALOG = [
+    {"role": "system", "content": "Always answer in upper case."},
+    {"role": "user", "content": "What is 12 + 30?"},
+    {"role": "assistant", "content": "42"},
+    {"role": "user", "content": "Reverse the letters: c a t"},
+    {"role": "assistant", "content": "T A C"},
+]
+
+
+def masked_spans(ids, mask):
+    spans, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    return spans + ([cur] if cur else [])
+
+
+def test_prompt_tokens_match_serving_and_loss_covers_answers_and_eos(tokenizer):
+    ids, mask = encode_dialog(tokenizer, DIALOG)
+    # The prompt of the last turn tokenises exactly as serving's encode_chat does.
+    served = tokenizer.encode_chat(DIALOG[:-1])
+    assert ids[: len(served)] == served
+    assert all(mask[len(served):])  # the final answer and its EOS
+    # Meta's layout, token for token: every turn is its own BOS ... EOS encoding.
+    expected = tokenizer.encode(f"{B_INST} <<SYS>>\nAlways answer in upper case.\n<</SYS>>\n\nWhat is 12 + 30? "
+                                f"{E_INST} 42 ", bos=True, eos=True) \
+        + tokenizer.encode(f"{B_INST} Reverse the letters: c a t {E_INST} T A C ", bos=True, eos=True)
+    assert ids == expected
+    spans = masked_spans(ids, mask)
+    assert len(spans) == 2
+    assert [tokenizer.decode(s).strip() for s in spans] == ["42", "T A C"]
+    assert all(s[-1] == tokenizer.eos_id for s in spans)
+    assert sum(mask) == sum(len(s) for s in spans)
+
+
+def test_bad_dialogs_are_rejected(tokenizer):
+    with pytest.raises(ChatFormatError, match="end with an assistant"):
+        encode_dialog(tokenizer, DIALOG[:-1])
+    with pytest.raises(ChatFormatError, match="alternate"):
+        encode_dialog(tokenizer, [DIALOG[1], DIALOG[1], DIALOG[2]])
+    with pytest.raises(ValueError, match="loss_turns"):
+        encode_dialog(tokenizer, DIALOG, loss_turns="first")
+
+
+def test_gatt_keeps_the_instruction_in_the_first_turn_only_and_trains_the_last(tokenizer):
+    instruction = DIALOG[0]["content"]
+    sampled = [DIALOG[0]] + [{**m, "content": f"{instruction} {m['content']}"} if m["role"] == "user" else m
+                             for m in DIALOG[1:]]  # as sampled: the instruction on every user turn
+    dialog = gatt(sampled)
+    assert dialog == DIALOG
+    ids, mask = encode_record(tokenizer, {"messages": sampled, "gatt": True})
+    text = tokenizer.decode(ids)
+    assert text.count(instruction) == 1 and text.index(instruction) < text.index(E_INST)
+    bos = [i for i, t in enumerate(ids) if t == tokenizer.bos_id]
+    assert len(bos) == 2
+    assert not any(mask[: bos[1]])  # zero loss on the earlier turn, its answer included
+    assert [tokenizer.decode(s).strip() for s in masked_spans(ids, mask)] == ["T A C"]
+    # without the flag, every answer is trained
+    assert len(masked_spans(*encode_record(tokenizer, {"messages": sampled}))) == 2
+
+
+def test_packing_never_crosses_dialogs(tokenizer):
+    records = TaskSuite(seed=0).sft_dialogs(200)
+    examples = [encode_record(tokenizer, r) for r in records]
+    seq_len = 96
+    packed = pack(examples, seq_len)
+    inputs, labels = packed["input_ids"], packed["labels"]
+    assert inputs.shape == labels.shape and inputs.shape[1] == seq_len
+    # Rebuild which dialog every token belongs to and where its answers are.
+    kept = [e for e in examples if len(e[0]) <= seq_len + 1]
+    assert packed["dropped"] == len(examples) - len(kept)
+    owner = np.full((inputs.shape[0], seq_len + 1), -1)
+    answer = np.zeros_like(owner, dtype=bool)
+    row, col = 0, 0
+    for d, (ids, mask) in enumerate(kept):
+        if col + len(ids) > seq_len + 1:
+            row, col = row + 1, 0
+        owner[row, col:col + len(ids)] = d
+        answer[row, col:col + len(ids)] = mask
+        assert list(inputs[row, col:col + len(ids)][: seq_len - col]) == ids[: seq_len - col]
+        col += len(ids)
+    assert row == inputs.shape[0] - 1
+    r, t = np.nonzero(labels != IGNORE)
+    assert len(r) == sum(sum(m) for _, m in kept)  # every answer token is a label exactly once
+    assert (owner[r, t] == owner[r, t + 1]).all()  # a loss position predicts a token of its own dialog
+    assert answer[r, t + 1].all()  # ... and that token is an answer token, never a prompt token
+    first_tokens = inputs == tokenizer.bos_id
+    assert not (labels[:, :-1][first_tokens[:, 1:]] != IGNORE).any()  # BOS is never a label
+
+
+def test_pack_drops_dialogs_longer_than_a_row():
+    short, long = ([1, 5, 6, 2], [False, False, True, True]), ([1] + [7] * 20, [False] + [True] * 20)
+    packed = pack([short, long, short], seq_len=8)
+    assert packed["dropped"] == 1
+    assert packed["input_ids"].tolist() == [[1, 5, 6, 2, 1, 5, 6, 2]]
+    assert packed["labels"].tolist() == [[IGNORE, 6, 2, IGNORE, IGNORE, 6, 2, IGNORE]]
+
+
+class FixedLogits(nn.Module):
+    """A stand-in language model whose logits are given by hand."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, tokens):
+        return self.logits[:, : tokens.shape[1]]
+
+
+def test_sft_loss_on_a_hand_built_batch():
+    # vocab 5; every position puts logit 2 on token 0 and 0 elsewhere.
+    logits = torch.zeros(2, 4, 5)
+    logits[..., 0] = 2.0
+    batch = {
+        "input_ids": torch.tensor([[1, 8, 8, 8], [1, 8, 8, 8]]),
+        # three answer positions: targets 0, 3 and 0; prompt and padding positions are IGNORE
+        "labels": torch.tensor([[IGNORE, 0, 3, IGNORE], [IGNORE, IGNORE, IGNORE, 0]]),
+    }
+    loss, n = sft_loss(FixedLogits(logits), batch)
+    # CE(target 0) = -log(e^2 / (e^2 + 4)) = log(1 + 4 e^-2) = 0.432653
+    # CE(target 3) = -log(1 / (e^2 + 4)) = log(e^2 + 4) = 2.432653
+    expected = (2 * 0.4326529029917915 + 2.4326529029917916) / 3
+    assert n == 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx((2 * math.log1p(4 * math.exp(-2)) + math.log(math.exp(2) + 4)) / 3)
+    # an unmasked loss would differ: the masking is what makes the number
+    everything = {**batch, "labels": torch.zeros(2, 4, dtype=torch.long)}
+    assert sft_loss(FixedLogits(logits), everything)[0].item() == pytest.approx(0.4326529, rel=1e-5)
