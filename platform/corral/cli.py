@@ -38,6 +38,27 @@ def cmd_info(args) -> None:
     print(json.dumps(info, indent=2))
 
 
+def cmd_up(args) -> None:
+    from corral import stack
+
+    st = stack.up(args.ray_port, args.dashboard_port, args.mlflow_port, args.num_cpus)
+    print(f"Ray dashboard: {st.dashboard_url}\nMLflow UI:     {st.mlflow_uri}\nexport these to use it:")
+    print("  export " + " ".join(f"{k}={v}" for k, v in st.env().items()))
+    print("stop it with: corral down")
+
+
+def cmd_down(args) -> None:
+    from corral import stack
+
+    stack.down()
+
+
+def cmd_status(args) -> None:
+    from corral import stack
+
+    print(json.dumps(stack.status(), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="corral", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -58,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a checkpoint: format, config, parameter count, dtype")
     i.add_argument("path")
     i.set_defaults(func=cmd_info)
+
+    u = sub.add_parser("up", help="start the local stack: a Ray head and an MLflow server (SQLite)")
+    u.add_argument("--ray-port", type=int, default=6379)
+    u.add_argument("--dashboard-port", type=int, default=8265)
+    u.add_argument("--mlflow-port", type=int, default=5000)
+    u.add_argument("--num-cpus", type=int, default=None, help="logical CPUs Ray schedules (default: all cores)")
+    u.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop what `corral up` started").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="is the local stack up?").set_defaults(func=cmd_status)
     return p
 
 
@@ -65,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # user mistakes: one clear line
+    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as e:  # user mistakes: one clear line
         print(f"corral: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,173 @@
+"""The local stack: a Ray head and an MLflow tracking server, started and stopped as one.
+
+`corral up` starts what is not already running, waits until it answers, and records what it
+started in `$CORRAL_HOME/stack.json`; `corral down` stops exactly that. Everything else in corral
+reaches the stack through the usual variables (RAY_ADDRESS, RAY_API_SERVER_ADDRESS,
+MLFLOW_TRACKING_URI), so the same commands run against a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+def corral_home() -> Path:
+    """Where the local stack keeps its state, logs, MLflow database and artifacts."""
+    return Path(os.environ.get("CORRAL_HOME", ".corral")).resolve()
+
+
+@dataclass
+class Stack:
+    ray_port: int = 6379
+    dashboard_port: int = 8265
+    mlflow_port: int = 5000
+    ray_started: bool = False  # False when a Ray head was already running: `down` leaves it alone
+    mlflow_pid: int | None = None
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self) -> dict[str, str]:
+        """The environment a user exports to reach this stack (Ray 2.60 turns on token auth)."""
+        return {
+            "RAY_ADDRESS": f"127.0.0.1:{self.ray_port}",
+            "RAY_API_SERVER_ADDRESS": self.dashboard_url,  # `ray job submit`
+            "RAY_AUTH_MODE": "token",
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+        }
+
+
+def _state_file() -> Path:
+    return corral_home() / "stack.json"
+
+
+def load_state() -> Stack | None:
+    f = _state_file()
+    return Stack(**json.loads(f.read_text())) if f.is_file() else None
+
+
+def _save_state(stack: Stack) -> None:
+    f = _state_file()
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(stack), indent=2))
+    os.replace(tmp, f)
+
+
+def _answers(url: str) -> bool:
+    """True if an HTTP server answers at url (an auth error is an answer too)."""
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def _wait_for(url: str, what: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.time() + timeout
+    while not _answers(url):
+        if (proc is not None and proc.poll() is not None) or time.time() > deadline:
+            hint = f"; see {log}" if log else ""
+            raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f}s{hint}")
+        time.sleep(0.5)
+
+
+def _ray_bin() -> str:
+    return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000, num_cpus: int | None = None,
+       log=print) -> Stack:
+    """Start Ray and MLflow unless they already answer; return the stack and record it."""
+    home = corral_home()
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    stack = load_state() or Stack(ray_port, dashboard_port, mlflow_port)
+
+    if _answers(stack.mlflow_uri + "/health"):
+        log(f"MLflow already running at {stack.mlflow_uri}")
+    else:
+        mlflow_log = home / "logs" / "mlflow.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(stack.mlflow_port),
+             "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+             "--artifacts-destination", str(home / "mlartifacts"), "--serve-artifacts", "--workers", "1"],
+            stdout=open(mlflow_log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        stack.mlflow_pid = proc.pid
+        _save_state(stack)
+        log(f"starting MLflow on {stack.mlflow_uri} (log: {mlflow_log})")
+        _wait_for(stack.mlflow_uri + "/health", "MLflow", 120, proc, mlflow_log)
+
+    if _answers(stack.dashboard_url + "/api/version"):
+        log(f"Ray already running (dashboard {stack.dashboard_url})")
+    else:
+        cmd = [_ray_bin(), "start", "--head", "--port", str(stack.ray_port), "--dashboard-host", "127.0.0.1",
+               "--dashboard-port", str(stack.dashboard_port), "--disable-usage-stats"]
+        if num_cpus:
+            cmd += ["--num-cpus", str(num_cpus)]
+        log("starting Ray head: " + " ".join(cmd[1:]))
+        env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_uri, "RAY_AUTH_MODE": "token"}
+        ray_log = home / "logs" / "ray-start.log"
+        with open(ray_log, "a") as out:
+            if subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"`ray start` failed; see {ray_log}")
+        stack.ray_started = True
+        _save_state(stack)
+        _wait_for(stack.dashboard_url + "/api/version", "Ray dashboard", 120, log=ray_log)
+    _save_state(stack)
+    return stack
+
+
+def down(log=print) -> None:
+    """Stop what `up` started, and nothing else."""
+    stack = load_state()
+    if stack is None:
+        log("nothing to stop: corral up has not run here")
+        return
+    if stack.ray_started:
+        subprocess.run([_ray_bin(), "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log("stopped Ray")
+    if _pid_alive(stack.mlflow_pid):
+        os.killpg(stack.mlflow_pid, signal.SIGTERM)  # the server and its uvicorn workers
+        for _ in range(40):
+            if not _pid_alive(stack.mlflow_pid):
+                break
+            time.sleep(0.25)
+        log("stopped MLflow")
+    _state_file().unlink()
+
+
+def status() -> dict:
+    stack = load_state() or Stack()
+    return {
+        "ray": {"dashboard": stack.dashboard_url, "up": _answers(stack.dashboard_url + "/api/version"),
+                "started_by_corral": stack.ray_started},
+        "mlflow": {"uri": stack.mlflow_uri, "up": _answers(stack.mlflow_uri + "/health"), "pid": stack.mlflow_pid},
+        "home": str(corral_home()),
+    }

@@ -1,0 +1,130 @@
+"""The cluster files, checked offline (no Docker engine or Kubernetes here): schemas plus the promises
+the README makes about them (pinned images, loopback ports, health-gated start-up, GPU pools)."""
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMAS = REPO / "infra/schemas"
+
+
+def load(path):
+    return yaml.safe_load((REPO / path).read_text())
+
+
+def validate(doc, schema_name):
+    jsonschema.validate(doc, json.loads((SCHEMAS / f"{schema_name}.schema.json").read_text()))
+
+
+# -- docker compose ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose():
+    doc = load("docker-compose.yml")
+    validate(doc, "compose")
+    return doc
+
+
+def test_compose_has_the_stack(compose):
+    assert set(compose["services"]) == {"postgres", "minio", "minio-init", "mlflow", "ray-head", "ray-worker"}
+    assert set(compose["volumes"]) == {"postgres-data", "minio-data"}
+
+
+def test_compose_images_are_pinned(compose):
+    for name, svc in compose["services"].items():
+        image = svc["image"]
+        assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image tag ({image})"
+
+
+def test_compose_ports_bind_to_loopback_by_default(compose):
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), f"{name} publishes {port} on all interfaces"
+
+
+def test_compose_start_order_is_health_gated(compose):
+    services = compose["services"]
+    for name, svc in services.items():
+        for dep, cond in svc.get("depends_on", {}).items():
+            wanted = "service_completed_successfully" if dep == "minio-init" else "service_healthy"
+            assert cond["condition"] == wanted, f"{name} -> {dep}"
+            if wanted == "service_healthy":
+                assert "healthcheck" in services[dep], f"{dep} needs a healthcheck"
+    for ray_svc in ("ray-head", "ray-worker"):
+        assert services[ray_svc]["shm_size"] and "ports" not in services["ray-worker"]  # workers scale
+
+
+def test_compose_mlflow_uses_postgres_and_proxied_minio_artifacts(compose):
+    cmd = " ".join(compose["services"]["mlflow"]["command"])
+    assert "--backend-store-uri=postgresql://" in cmd and "--artifacts-destination=s3://" in cmd
+    assert "--serve-artifacts" in cmd
+    worker_env = compose["services"]["ray-worker"]["environment"]
+    assert worker_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert not any(k.startswith("AWS_") for k in worker_env), "workers need only MLFLOW_TRACKING_URI"
+
+
+def test_env_example_defines_every_variable_compose_reads(compose):
+    used = set(re.findall(r"\$\{([A-Z_]+)", (REPO / "docker-compose.yml").read_text()))
+    defined = {line.split("=")[0] for line in (REPO / ".env.example").read_text().splitlines()
+               if line and not line.startswith("#")}
+    assert used <= defined, f"add to .env.example: {sorted(used - defined)}"
+
+
+def test_dockerfile_matches_the_pinned_versions():
+    text = (REPO / "infra/docker/Dockerfile").read_text()
+    assert f"rayproject/ray:{ray.__version__}-py311" in text
+    assert "torch==2.13.0" in text and "pip install --no-cache-dir -e ." in text
+
+
+# -- KubeRay and the cluster launcher ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def raycluster():
+    doc = load("infra/k8s/raycluster.yaml")
+    validate(doc, "raycluster")
+    return doc
+
+
+def test_raycluster_has_cpu_a100_h100_groups_scaling_from_zero(raycluster):
+    spec = raycluster["spec"]
+    assert spec["rayVersion"] == ray.__version__
+    assert spec["enableInTreeAutoscaling"] and spec["autoscalerOptions"]["version"] == "v2"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "a100", "h100"}
+    for name, accel in [("a100", "A100"), ("h100", "H100")]:
+        g = groups[name]
+        assert g["minReplicas"] == 0
+        pod = g["template"]["spec"]
+        assert accel in pod["nodeSelector"]["nvidia.com/gpu.product"]
+        assert g["template"]["metadata"]["labels"]["ray.io/accelerator-type"] == accel
+        assert g["rayStartParams"]["labels"] == f"ray.io/accelerator-type={accel}"
+        assert int(pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) > 0
+
+
+def test_rayjob_runs_the_7b_pipeline_on_the_cluster(raycluster):
+    job = load("infra/k8s/rayjob-llama2-7b.yaml")
+    validate(job, "rayjob")
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == raycluster["metadata"]["name"]
+    spec_path = job["spec"]["entrypoint"].split()[-1]
+    assert (REPO / spec_path).is_file(), f"the RayJob runs {spec_path}, which does not exist"
+
+
+def test_cluster_launcher_yaml_passes_rays_own_schema():
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler/ray-schema.json").read_text())
+    doc = load("infra/ray/cluster.yaml")
+    jsonschema.validate(doc, schema)
+    types = doc["available_node_types"]
+    assert types["a100_worker"]["resources"] == {"accelerator_type:A100": 1}
+    assert types["h100_worker"]["resources"] == {"accelerator_type:H100": 1}
+    assert all(t.get("min_workers", 0) == 0 for n, t in types.items() if n != doc["head_node_type"])
+
+
+def test_schemas_reject_a_broken_manifest(raycluster):
+    broken = json.loads(json.dumps(raycluster))
+    broken["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(broken, "raycluster")
