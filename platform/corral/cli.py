@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop what `corral up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="is the local stack up?").set_defaults(func=cmd_status)
+
+    from pipelines.cli import add_commands as add_pipeline_commands  # argparse only; steps load lazily
+
+    add_pipeline_commands(sub)
     return p
 
 

@@ -1,0 +1,264 @@
+"""Run a pipeline spec as a Ray DAG, tracked in MLflow, resumable by fingerprint.
+
+Each step becomes a Ray task bound to the tasks of the steps it needs (`step.bind(*upstream)`),
+so Ray runs independent steps at the same time; we do not schedule. Step tasks take no CPU of
+their own: the work inside them (a TorchTrainer, Ray Data) asks Ray for its resources.
+
+A step's fingerprint covers its type, its validated config, its inputs' fingerprints and the
+code. A finished MLflow run with the same fingerprint (whose outputs still exist) is reused, so
+re-running a spec continues where it failed; `force` reruns a step and everything downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.dag import MultiOutputNode
+
+from corral import tracking
+from corral.stack import corral_home
+from pipelines.spec import PipelineSpec
+from pipelines.steps import step_module
+
+FINGERPRINT_TAG, STEP_TAG, STATUS_TAG, OUTPUTS_TAG = "corral.fingerprint", "corral.step", "corral.status", "corral.outputs"
+PIPELINE_TAG = "corral.pipeline"
+
+
+def code_version() -> str:
+    """sha256 over the source of corral and pipelines: any code change invalidates reuse."""
+    import corral
+    import pipelines
+
+    h = hashlib.sha256()
+    for pkg in (corral, pipelines):
+        root = Path(pkg.__file__).parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@dataclass
+class StepPlan:
+    step_id: str
+    uses: str
+    config: dict
+    needs: list[str]
+    fingerprint: str
+    output_dir: str
+    reuse: dict | None = None  # {"run_id", "outputs"} of a finished run with this fingerprint
+
+
+@dataclass
+class StepResult:
+    step_id: str
+    status: str  # succeeded | reused | failed | skipped
+    outputs: dict = field(default_factory=dict)
+    run_id: str | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def plan(spec: PipelineSpec, force: tuple[str, ...] = ()) -> list[StepPlan]:
+    """Fingerprint every step and find the ones a finished run already did."""
+    for f in force:
+        if f not in spec.steps:
+            raise ValueError(f"--force {f!r}: no such step; steps are {', '.join(spec.steps)}")
+    forced = set().union(*(spec.downstream(f) for f in force)) if force else set()
+    storage = Path(spec.storage or corral_home() / "pipelines").resolve() / spec.name
+    code, fps, plans = code_version(), {}, []
+    for sid in spec.order():
+        step = spec.steps[sid]
+        config = spec.step_config(sid).model_dump(mode="json")
+        blob = json.dumps({"uses": step.uses, "config": config, "needs": [fps[n] for n in step.needs],
+                           "code": code}, sort_keys=True)
+        fps[sid] = hashlib.sha256(blob.encode()).hexdigest()
+        out = storage / f"{sid}-{fps[sid][:12]}"
+        if "output_dir" in config and "output_dir" not in step.config:  # the step writes where we resume it
+            config["output_dir"] = str(out)
+        reuse = None if sid in forced else _finished_run(spec.tracking.experiment, fps[sid], out)
+        plans.append(StepPlan(sid, step.uses, config, list(step.needs), fps[sid], str(out), reuse))
+    return plans
+
+
+def _finished_run(experiment: str, fingerprint: str, output_dir: Path) -> dict | None:
+    exp = tracking.client().get_experiment_by_name(experiment)
+    if exp is None or not output_dir.exists():
+        return None
+    runs = tracking.client().search_runs(
+        [exp.experiment_id], f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and tags.`{STATUS_TAG}` = 'succeeded'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    return {"run_id": runs[0].info.run_id, "outputs": json.loads(runs[0].data.tags.get(OUTPUTS_TAG, "{}"))}
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def run_step(p: StepPlan, experiment: str, parent_run_id: str, *upstream: StepResult) -> StepResult:
+    """One step as a Ray task: its own nested MLflow run; failures are returned, not raised."""
+    tags = {FINGERPRINT_TAG: p.fingerprint, STEP_TAG: p.step_id, "corral.uses": p.uses}
+    blocked = [u.step_id for u in upstream if u.status not in ("succeeded", "reused")]
+    if blocked:
+        run_id = tracking.start_run(experiment, p.step_id, parent_run_id, tags | {STATUS_TAG: "skipped"})
+        tracking.end_run(run_id, "KILLED")
+        return StepResult(p.step_id, "skipped", run_id=run_id, error=f"upstream failed: {', '.join(blocked)}")
+    if p.reuse:
+        tags |= {STATUS_TAG: "reused", "corral.reused_from": p.reuse["run_id"], OUTPUTS_TAG: json.dumps(p.reuse["outputs"])}
+        run_id = tracking.start_run(experiment, p.step_id, parent_run_id, tags)
+        tracking.end_run(run_id)
+        return StepResult(p.step_id, "reused", p.reuse["outputs"], run_id)
+
+    run_id = tracking.start_run(experiment, p.step_id, parent_run_id, tags | {STATUS_TAG: "running"})
+    inputs = {k: v for u in upstream for k, v in u.outputs.items()}
+    inputs |= {"upstream": {u.step_id: u.outputs for u in upstream}, "output_dir": p.output_dir, "run_id": run_id}
+    Path(p.output_dir).mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    try:
+        tracking.log_params(run_id, p.config)
+        outputs = step_module(p.uses).run(p.config, inputs)
+    except Exception as e:  # a step's failure is data for the summary, not a crash of the pipeline
+        tb = traceback.format_exc()
+        tracking.client().set_tag(run_id, STATUS_TAG, "failed")
+        tracking.client().set_tag(run_id, "corral.error", f"{type(e).__name__}: {e}"[:5000])
+        tracking.end_run(run_id, "FAILED")
+        return StepResult(p.step_id, "failed", run_id=run_id, seconds=time.time() - start, error=tb)
+    tracking.client().set_tag(run_id, OUTPUTS_TAG, json.dumps(outputs))
+    tracking.client().set_tag(run_id, STATUS_TAG, "succeeded")
+    tracking.end_run(run_id)
+    return StepResult(p.step_id, "succeeded", outputs, run_id, time.time() - start)
+
+
+def run_pipeline(spec: PipelineSpec, spec_text: str = "", force: tuple[str, ...] = (), log=print) -> list[StepResult]:
+    """Execute the spec on the connected Ray cluster; returns one result per step, in order."""
+    plans = plan(spec, force)
+    exp = spec.tracking.experiment
+    parent = tracking.start_run(exp, spec.name, tags={PIPELINE_TAG: spec.name, "corral.git_commit": git_commit(),
+                                                      "corral.code_version": code_version()})
+    if spec_text:
+        tracking.client().log_text(parent, spec_text, "spec.yaml")
+    log(f"pipeline {spec.name}: MLflow run {run_link(parent)}")
+
+    nodes: dict[str, object] = {}
+    for p in plans:
+        nodes[p.step_id] = run_step.bind(p, exp, parent, *[nodes[n] for n in p.needs])
+    refs = MultiOutputNode([nodes[p.step_id] for p in plans]).execute()
+    step_of = dict(zip(refs, (p.step_id for p in plans)))
+    results: dict[str, StepResult] = {}
+    pending, last_progress = list(refs), 0.0
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=5)
+        for ref in done:
+            r = ray.get(ref)
+            results[step_of[ref]] = r
+            log(f"  {r.step_id:<20} {r.status:<9} {r.seconds:7.1f}s")
+        if time.time() - last_progress > 15:
+            last_progress = time.time()
+            for line in progress_lines(parent):
+                log(line)
+
+    ordered = [results[p.step_id] for p in plans]
+    failed = [r for r in ordered if r.status == "failed"]
+    tracking.end_run(parent, "FAILED" if failed else "FINISHED")
+    log(summary_table(ordered))
+    for r in failed:
+        log(f"\nstep {r.step_id} failed:\n{r.error}")
+    return ordered
+
+
+def run_link(run_id: str) -> str:
+    run = tracking.client().get_run(run_id)
+    return f"{tracking.client().tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def progress_lines(parent_run_id: str) -> list[str]:
+    """step, loss, tokens/s and ETA of the training steps running now (read back from MLflow)."""
+    runs = tracking.client().search_runs(
+        [tracking.client().get_run(parent_run_id).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'")
+    lines = []
+    for run in runs:
+        m, params = run.data.metrics, run.data.params
+        if "loss" not in m:
+            continue
+        step = int(run.data.metrics.get("step", 0)) or len(tracking.client().get_metric_history(run.info.run_id, "loss"))
+        total = int(params.get("loop.max_steps", 0) or 0)
+        tps = m.get("tokens_per_s", 0.0)
+        eta = ""
+        if total and step and "elapsed_s" in m:
+            eta = f" ETA {m['elapsed_s'] / step * (total - step):.0f}s"
+        lines.append(f"  {run.data.tags.get(STEP_TAG)}: step {step}/{total or '?'} loss {m['loss']:.3f} "
+                     f"{tps:,.0f} tok/s{eta}")
+    return lines
+
+
+def summary_table(results: list[StepResult]) -> str:
+    rows = [("step", "status", "duration", "MLflow run")]
+    rows += [(r.step_id, r.status, f"{r.seconds:.1f}s", run_link(r.run_id) if r.run_id else "-") for r in results]
+    return _table(rows)
+
+
+def _table(rows: list[tuple]) -> str:
+    rows = [tuple(str(c) for c in row) for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def plan_table(plans: list[StepPlan], spec: PipelineSpec) -> str:
+    rows = [("step", "uses", "needs", "resources", "fingerprint", "action")]
+    for p in plans:
+        r = spec.steps[p.step_id].resources_config
+        res = f"{r.num_workers}x({r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU{', ' + r.accelerator_type if r.accelerator_type else ''})"
+        action = f"reuse {p.reuse['run_id'][:8]}" if p.reuse else "run"
+        rows.append((p.step_id, p.uses, ",".join(p.needs) or "-", res, p.fingerprint[:12], action))
+    return _table(rows)
+
+
+def _pipeline_runs(experiment: str | None, max_results: int = 20):
+    c = tracking.client()
+    exps = [c.get_experiment_by_name(experiment)] if experiment else c.search_experiments()
+    ids = [e.experiment_id for e in exps if e is not None]
+    if not ids:
+        return []
+    return c.search_runs(ids, f"tags.`{PIPELINE_TAG}` != ''", order_by=["attributes.start_time DESC"],
+                         max_results=max_results)
+
+
+def list_table(experiment: str | None = None) -> str:
+    runs = _pipeline_runs(experiment)
+    rows = [("run id", "pipeline", "status", "started")]
+    rows += [(r.info.run_id, r.data.tags[PIPELINE_TAG], r.info.status,
+              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.info.start_time / 1000))) for r in runs]
+    return _table(rows) if runs else "no pipeline runs recorded yet"
+
+
+def status_table(run_id: str | None = None, experiment: str | None = None) -> str:
+    c = tracking.client()
+    if run_id is None:
+        runs = _pipeline_runs(experiment, 1)
+        if not runs:
+            return "no pipeline runs recorded yet"
+        run_id = runs[0].info.run_id
+    parent = c.get_run(run_id)
+    steps = c.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'",
+                          order_by=["attributes.start_time ASC"])
+    rows = [("step", "status", "duration", "MLflow run")]
+    for s in steps:
+        end = s.info.end_time or time.time() * 1000
+        rows.append((s.data.tags.get(STEP_TAG, s.info.run_name), s.data.tags.get(STATUS_TAG, s.info.status.lower()),
+                     f"{(end - s.info.start_time) / 1000:.1f}s", run_link(s.info.run_id)))
+    head = f"pipeline {parent.data.tags.get(PIPELINE_TAG)} ({parent.info.status}) {run_link(run_id)}"
+    return head + "\n" + _table(rows)

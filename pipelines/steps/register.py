@@ -1,0 +1,86 @@
+"""Step: register the base and chat models in the MLflow Model Registry.
+
+Each model's corral checkpoint directory (and its Hugging Face export beside it) is logged as
+artifacts of this step's run and registered as a new version, tagged with the evaluation
+metrics. The new version gets the alias `candidate`; `champion` moves to it only when every
+gate passes. Serving loads `models:/NAME@champion` (or `@candidate`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from corral import tracking
+from corral.checkpoint import export_hf
+
+
+class Gate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "Gate":
+        if self.min is None and self.max is None:
+            raise ValueError("a gate needs min or max")
+        return self
+
+    def passes(self, value: float | None) -> bool:
+        return value is not None and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="registered model name, e.g. llama2-tiny-chat")
+    from_step: str = Field(description="the step whose `model` output is this model")
+
+
+class RegisterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelEntry] = Field(min_length=1)
+    metrics_from: str | None = Field(default=None, description="the evaluate step whose `metrics` JSON tags versions")
+    gates: dict[str, Gate] = Field(default={}, description="metric -> bounds; all must pass to move `champion`")
+
+
+def read_metrics(inputs: dict, step_id: str | None) -> dict[str, float]:
+    if step_id is None:
+        return {}
+    outputs = inputs["upstream"].get(step_id)
+    if outputs is None or "metrics" not in outputs:
+        raise ValueError(f"register.metrics_from: step {step_id!r} is not upstream or has no `metrics` output")
+    return {k: float(v) for k, v in json.loads(Path(outputs["metrics"]).read_text()).items()
+            if isinstance(v, (int, float))}
+
+
+def run(config: RegisterConfig | dict, inputs: dict) -> dict:
+    cfg = RegisterConfig.model_validate(config)
+    metrics = read_metrics(inputs, cfg.metrics_from)
+    failed_gates = [m for m, g in cfg.gates.items() if not g.passes(metrics.get(m))]
+    client, run_id = tracking.client(), inputs["run_id"]
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    outputs = {}
+    for entry in cfg.models:
+        upstream = inputs["upstream"].get(entry.from_step)
+        if upstream is None or "model" not in upstream:
+            raise ValueError(f"register.models[{entry.name}]: step {entry.from_step!r} is not upstream "
+                             f"or produced no `model`")
+        with tempfile.TemporaryDirectory() as tmp:
+            export_hf(upstream["model"], Path(tmp) / "hf")
+            tracking.log_artifacts(run_id, upstream["model"], f"models/{entry.name}")
+            tracking.log_artifacts(run_id, Path(tmp) / "hf", f"models/{entry.name}/hf")
+        if not client.search_registered_models(f"name = '{entry.name}'"):
+            client.create_registered_model(entry.name, description="corral checkpoint directory (+ hf/ export)")
+        version = client.create_model_version(entry.name, f"{artifact_uri}/models/{entry.name}", run_id,
+                                              tags={k: str(v) for k, v in metrics.items()})
+        client.set_registered_model_alias(entry.name, "candidate", version.version)
+        promoted = not failed_gates
+        if promoted:
+            client.set_registered_model_alias(entry.name, "champion", version.version)
+        print(f"registered {entry.name} v{version.version} @candidate"
+              + (" @champion" if promoted else f" (champion unchanged: gates failed: {', '.join(failed_gates)})"))
+        outputs[entry.name] = f"models:/{entry.name}/{version.version}"
+    return outputs
