@@ -19,6 +19,16 @@ PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 
 
+def tracking_uri(default_dir: str | os.PathLike | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else SQLite in `default_dir` (absolute, so Ray workers on this host agree)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    directory = Path(default_dir or ".").resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
 def client() -> MlflowClient:
     return MlflowClient()  # MLFLOW_TRACKING_URI, or ./mlruns when unset
 

@@ -15,6 +15,7 @@ batch. Ray Data's dynamic `streaming_split` cannot promise that.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import tempfile
 import time
@@ -52,6 +53,7 @@ class TrainJob:
     export: Callable[[dict[str, torch.Tensor], Path], None] | None = None
     export_dir: str | None = None
     mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
 
 
 class ShardStream:
@@ -67,16 +69,28 @@ class ShardStream:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
             start = self.batch_in_epoch
-            for i, batch in enumerate(self.shard.iter_torch_batches(batch_size=self.mb * self.world_size,
-                                                                     drop_last=True)):
-                if i < start:  # trained on before the checkpoint we resumed from
-                    continue
-                self.batch_in_epoch = i + 1
-                yield {k: v[self.rank * self.mb:(self.rank + 1) * self.mb] for k, v in batch.items()}
+            epoch = self.shard.iter_torch_batches(batch_size=self.mb * self.world_size, drop_last=True,
+                                                  prefetch_batches=1)
+            try:
+                for i, batch in enumerate(epoch):
+                    if i < start:  # trained on before the checkpoint we resumed from
+                        continue
+                    self.batch_in_epoch = i + 1
+                    yield {k: v[self.rank * self.mb:(self.rank + 1) * self.mb] for k, v in batch.items()}
+            finally:  # stop Ray Data's streaming read when the consumer stops early
+                getattr(epoch, "close", lambda: None)()
             if self.batch_in_epoch == 0:
-                raise ValueError(f"the training data holds fewer than one global batch "
+                raise ValueError(f"the dataset holds fewer than one global batch "
                                  f"({self.mb} x {self.world_size} workers sequences)")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def take(self, n: int) -> list[dict[str, torch.Tensor]]:
+        """The next `n` micro-batches, then stop reading."""
+        stream = iter(self)
+        try:
+            return [next(stream) for _ in range(n)]
+        finally:
+            stream.close()
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
@@ -105,12 +119,17 @@ def train_worker(config: dict) -> None:
 
     job: TrainJob = config["job"]
     loop = job.loop
+    if job.tracking_uri:  # this process only trains: point its MLflow client at the run's server
+        os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
     torch.manual_seed(loop.seed)
     strategy = DeepSpeedStrategy(job.deepspeed, job.optim, loop.micro_batch_size, loop.max_steps)
     model = strategy.prepare(job.build_model())
     ctx = ray.train.get_context()
     train = ShardStream(ray.train.get_dataset_shard("train"), loop.micro_batch_size,
                         ctx.get_world_rank(), ctx.get_world_size())
+    # The same validation batches at every evaluation, read once: losses are comparable over time.
+    val_batches = ShardStream(ray.train.get_dataset_shard("validation"), loop.micro_batch_size,
+                              ctx.get_world_rank(), ctx.get_world_size()).take(loop.eval_batches)
     progress = Progress()
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as d:
@@ -118,6 +137,10 @@ def train_worker(config: dict) -> None:
         train.load_state_dict(state["data"])
         progress.load_state_dict(state["progress"])
     resumed_from, t_start = progress.step, time.perf_counter()
+    if progress.step == 0:  # where validation starts, for the curve
+        val_loss = evaluate(strategy, model, job.loss_fn, val_batches)
+        if strategy.is_rank0() and job.mlflow_run_id:
+            tracking.log_metrics(job.mlflow_run_id, {"val_loss": val_loss}, step=0)
 
     batches = iter(train)
     while progress.step < loop.max_steps:
@@ -139,13 +162,14 @@ def train_worker(config: dict) -> None:
             metrics = {"loss": loss, "lr": lr, "grad_norm": strategy.grad_norm(),
                        "tokens_per_s": tokens / elapsed, "tokens_seen": progress.tokens_seen}
         if progress.step % loop.eval_every == 0 or progress.step == loop.max_steps:
-            val_loss = evaluate(strategy, model, job, ctx)
+            val_loss = evaluate(strategy, model, job.loss_fn, val_batches)
             metrics |= {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
         if metrics and strategy.is_rank0():
             report_progress(job, progress, metrics, resumed_from, time.perf_counter() - t_start)
         if progress.step % loop.checkpoint_every == 0 or progress.step == loop.max_steps:
             save_checkpoint(strategy, train, progress, metrics | {"resumed_from": resumed_from})
 
+    batches.close()
     if job.export is not None:
         state = strategy.full_state_dict()  # collective: every rank takes part in the gather
         if strategy.is_rank0():
@@ -154,18 +178,12 @@ def train_worker(config: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(strategy: DeepSpeedStrategy, model: nn.Module, job: TrainJob, ctx) -> float:
-    """Mean validation loss over the first `eval_batches` global batches (the same every time)."""
-    import ray.train
-
+def evaluate(strategy: DeepSpeedStrategy, model: nn.Module, loss_fn: LossFn, batches: list) -> float:
+    """Mean loss over the validation batches, averaged over ranks (all ranks must call it)."""
     strategy.train(False)
-    stream = ShardStream(ray.train.get_dataset_shard("validation"), job.loop.micro_batch_size,
-                         ctx.get_world_rank(), ctx.get_world_size())
-    losses = []
-    for _, batch in zip(range(job.loop.eval_batches), stream):
-        losses.append(job.loss_fn(model, batch)[0])
+    losses = torch.stack([loss_fn(model, batch)[0] for batch in batches])
     strategy.train(True)
-    return strategy.all_reduce_mean(torch.stack(losses).mean()).item()
+    return strategy.all_reduce_mean(losses.mean()).item()  # sync: read on the host
 
 
 def save_checkpoint(strategy: DeepSpeedStrategy, train: ShardStream, progress: Progress, metrics: dict) -> None:

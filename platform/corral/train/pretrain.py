@@ -1,0 +1,64 @@
+"""Pretraining as a `TrainJob`: a freshly initialised Transformer, next-token loss on packed blocks."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from corral import tracking
+from corral.checkpoint import save_model
+from corral.config import ModelConfig, PretrainConfig
+from corral.data.pretraining import CorpusError, load_packed, read_manifest
+from corral.model import Transformer
+from corral.tokenizer import Tokenizer
+from corral.train.loop import TrainJob
+from corral.train.losses import pretrain_loss
+
+
+def build_transformer(config: ModelConfig, seed: int) -> Transformer:
+    """The same initial weights on every rank: the init is seeded, not broadcast."""
+    return Transformer(config).init_weights(seed=seed)
+
+
+def export_transformer(state: dict[str, torch.Tensor], out_dir: Path, config: ModelConfig, tokenizer_path: str,
+                       metadata: dict) -> None:
+    """Rank 0: the consolidated fp32 model in corral's format (safetensors), written atomically."""
+    model = Transformer(config)
+    model.load_state_dict(state)
+    save_model(model, out_dir, Tokenizer(tokenizer_path), metadata=metadata)
+
+
+def check_data(cfg: PretrainConfig, data_dir: str | Path) -> dict:
+    """Fail before any worker starts if the prepared data cannot feed this model."""
+    manifest = read_manifest(data_dir)
+    model = cfg.model_config_resolved()
+    if manifest["vocab_size"] > model.vocab_size:
+        raise CorpusError(f"{data_dir} was tokenised with {manifest['vocab_size']} pieces but the model has "
+                          f"vocab_size {model.vocab_size}; use a matching tokenizer or model")
+    if manifest["seq_len"] > model.max_seq_len:
+        raise CorpusError(f"{data_dir} packs {manifest['seq_len']}-token sequences, longer than the model's "
+                          f"max_seq_len {model.max_seq_len}; prepare the data with seq_len <= {model.max_seq_len}")
+    global_batch = cfg.loop.micro_batch_size * cfg.resources.num_workers
+    for split in ("train", "validation"):
+        if manifest["splits"][split]["blocks"] < global_batch:
+            raise CorpusError(f"{data_dir} has {manifest['splits'][split]['blocks']} {split} blocks, fewer than "
+                              f"one global batch ({global_batch}); add text or lower micro_batch_size")
+    return manifest
+
+
+def pretrain_job(cfg: PretrainConfig, data_dir: str | Path, mlflow_run_id: str | None = None) -> tuple[TrainJob, dict]:
+    """The TrainJob and the Ray datasets of a pretraining run."""
+    model = cfg.model_config_resolved()
+    out = Path(cfg.output_dir).resolve()
+    manifest = check_data(cfg, data_dir)
+    job = TrainJob(
+        name="pretrain", storage_path=str(out / "ray"),
+        build_model=partial(build_transformer, model, cfg.loop.seed),
+        loss_fn=pretrain_loss, loop=cfg.loop, deepspeed=cfg.deepspeed, optim=cfg.optim, resources=cfg.resources,
+        export=partial(export_transformer, config=model, tokenizer_path=str(Path(data_dir) / "tokenizer.model"),
+                       metadata={"stage": "pretrain", "tokenizer_sha256": manifest["tokenizer_sha256"]}),
+        export_dir=str(out / "model"), mlflow_run_id=mlflow_run_id, tracking_uri=tracking.tracking_uri(out),
+    )
+    return job, {split: load_packed(data_dir, split) for split in ("train", "validation")}
