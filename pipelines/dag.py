@@ -1,7 +1,8 @@
 """Run a pipeline spec as a Ray DAG, tracked in MLflow, resumable by fingerprint.
 
-Each step becomes a Ray task bound to the tasks of the steps it needs (`step.bind(*upstream)`),
-so Ray runs independent steps at the same time; we do not schedule. Step tasks take no CPU of
+Each step becomes a Ray task that takes the results of the steps it needs as arguments, so Ray
+runs independent steps at the same time and each step when its inputs are ready; we do not
+schedule. Step tasks take no CPU of
 their own: the work inside them (a TorchTrainer, Ray Data) asks Ray for its resources.
 
 A step's fingerprint covers its type, its validated config, its inputs' fingerprints and the
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.dag import MultiOutputNode
 
 from corral import tracking
 from corral.stack import corral_home
@@ -29,6 +29,7 @@ from pipelines.steps import step_module
 
 FINGERPRINT_TAG, STEP_TAG, STATUS_TAG, OUTPUTS_TAG = "corral.fingerprint", "corral.step", "corral.status", "corral.outputs"
 PIPELINE_TAG = "corral.pipeline"
+RUN_RECORD = "mlflow_run.json"  # in a step's output directory: the run an interrupted attempt logged into
 
 
 def code_version() -> str:
@@ -122,13 +123,12 @@ def run_step(p: StepPlan, experiment: str, parent_run_id: str, *upstream: StepRe
         tracking.end_run(run_id)
         return StepResult(p.step_id, "reused", p.reuse["outputs"], run_id)
 
-    run_id = tracking.start_run(experiment, p.step_id, parent_run_id, tags | {STATUS_TAG: "running"})
+    run_id = _step_run(p, experiment, parent_run_id, tags)
     inputs = {k: v for u in upstream for k, v in u.outputs.items()}
     inputs |= {"upstream": {u.step_id: u.outputs for u in upstream}, "output_dir": p.output_dir, "run_id": run_id}
-    Path(p.output_dir).mkdir(parents=True, exist_ok=True)
     start = time.time()
     try:
-        tracking.log_params(run_id, p.config)
+        tracking.client().log_dict(run_id, p.config, "step_config.json")
         outputs = step_module(p.uses).run(p.config, inputs)
     except Exception as e:  # a step's failure is data for the summary, not a crash of the pipeline
         tb = traceback.format_exc()
@@ -142,6 +142,22 @@ def run_step(p: StepPlan, experiment: str, parent_run_id: str, *upstream: StepRe
     return StepResult(p.step_id, "succeeded", outputs, run_id, time.time() - start)
 
 
+def _step_run(p: StepPlan, experiment: str, parent_run_id: str, tags: dict) -> str:
+    """The step's MLflow run: an interrupted attempt's run (recorded in its output directory) is
+    resumed, so a training step that continues from its checkpoint keeps one metric history."""
+    out = Path(p.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / RUN_RECORD
+    if record.is_file():
+        run_id = tracking.resume_run(json.loads(record.read_text())["run_id"])
+        for k, v in (tags | {tracking.PARENT_TAG: parent_run_id, STATUS_TAG: "running"}).items():
+            tracking.client().set_tag(run_id, k, v)
+        return run_id
+    run_id = tracking.start_run(experiment, p.step_id, parent_run_id, tags | {STATUS_TAG: "running"})
+    record.write_text(json.dumps({"run_id": run_id}) + "\n")
+    return run_id
+
+
 def run_pipeline(spec: PipelineSpec, spec_text: str = "", force: tuple[str, ...] = (), log=print) -> list[StepResult]:
     """Execute the spec on the connected Ray cluster; returns one result per step, in order."""
     plans = plan(spec, force)
@@ -152,13 +168,15 @@ def run_pipeline(spec: PipelineSpec, spec_text: str = "", force: tuple[str, ...]
         tracking.client().log_text(parent, spec_text, "spec.yaml")
     log(f"pipeline {spec.name}: MLflow run {run_link(parent)}")
 
-    nodes: dict[str, object] = {}
+    # Passing a step's ObjectRef to the steps that need it is the DAG: Ray starts each task when
+    # its inputs are ready. (DAGNode.bind/execute would build the same graph but is deprecated in
+    # Ray 2.60 in favour of compiled graphs, which are for actor pipelines, not long tasks.)
+    refs: dict[str, ray.ObjectRef] = {}
     for p in plans:
-        nodes[p.step_id] = run_step.bind(p, exp, parent, *[nodes[n] for n in p.needs])
-    refs = MultiOutputNode([nodes[p.step_id] for p in plans]).execute()
-    step_of = dict(zip(refs, (p.step_id for p in plans)))
+        refs[p.step_id] = run_step.remote(p, exp, parent, *[refs[n] for n in p.needs])
+    step_of = {ref: sid for sid, ref in refs.items()}
     results: dict[str, StepResult] = {}
-    pending, last_progress = list(refs), 0.0
+    pending, last_progress = list(refs.values()), 0.0
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=5)
         for ref in done:

@@ -93,11 +93,13 @@ def ray_cluster(mlflow_server):
     """One local Ray cluster for the whole session; its workers see the MLflow server.
 
     8 logical CPUs on 2 cores: training workers, data actors and Serve replicas mostly wait on
-    each other, and the suite needs them scheduled together.
+    each other, and the suite needs them scheduled together. The dashboard serves Ray's state API
+    (the fault test finds a training worker through it).
     """
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True,
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded 2-core machine starts slowly
+    ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}})
     yield ray
     ray.shutdown()
