@@ -1,0 +1,85 @@
+"""RLHF math against values worked out by hand (OpenRLHF's style of loss tests)."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from corral.rlhf.objectives import (
+    approx_kl, combined_reward, entropy, gae, gather_logprobs, logit, policy_loss, ppo_token_rewards, token_kl,
+    value_loss, whiten,
+)
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_logit_inverts_sigmoid_by_hand():
+    assert_close(logit(t(0.8, 0.5, 0.2)), t(math.log(4), 0.0, -math.log(4)))
+    assert torch.isfinite(logit(t(0.0, 1.0))).all()  # saturated scores stay finite
+
+
+def test_whiten_by_hand():
+    # mean 2.5, population variance 1.25
+    s = math.sqrt(1.25)
+    assert_close(whiten(t(1, 2, 3, 4)), t(-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s))
+    # masked entries neither count nor come out non-zero
+    assert_close(whiten(t(1, 2, 3, 4, 100), mask=t(1, 1, 1, 1, 0)), t(-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s, 0))
+    assert_close(whiten(t(1, 2, 3, 4), shift_mean=False), t(-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s) + 2.5)
+
+
+def test_combined_reward_gate_both_sides_of_threshold_and_unsafe_tag():
+    helpful = t(0.7, 0.7, 0.7, 0.7)
+    safety = t(0.5, 0.14, 0.15, 0.95)
+    unsafe = torch.tensor([False, False, False, True])
+    # safe & safety 0.5 -> helpful; 0.14 < 0.15 -> safety; 0.15 is not below -> helpful; tagged -> safety
+    assert_close(combined_reward(helpful, safety, unsafe), t(0.7, 0.14, 0.7, 0.95))
+    assert_close(combined_reward(helpful, safety, unsafe, threshold=0.6), t(0.5, 0.14, 0.15, 0.95))
+
+
+def test_token_kl_and_ppo_token_rewards_by_hand():
+    kl = token_kl(t(-9.0, -1.0, -2.0, -0.5)[None], t(-3.0, -1.5, -1.0, -0.5)[None], t(0, 1, 1, 0)[None])
+    assert_close(kl, t(0.0, 0.5, -1.0, 0.0)[None])
+    rewards = ppo_token_rewards(t(2.0), kl, t(0, 1, 1, 0)[None], beta=0.1)
+    # -beta * KL per token, plus the score on the last response token (index 2)
+    assert_close(rewards, t(0.0, -0.05, 0.1 + 2.0, 0.0)[None])
+
+
+def test_gae_on_a_small_sequence_by_hand():
+    # response = positions 1..3, rewards [0, 0, 1], values [0.5, 0.2, 0.4], gamma 1, lambda 0.95:
+    # A3 = 1 - 0.4 = 0.6; A2 = (0.4 - 0.2) + 0.95 * 0.6 = 0.77; A1 = (0.2 - 0.5) + 0.95 * 0.77 = 0.4315
+    rewards, values, mask = t(0, 0, 0, 1, 0)[None], t(9, 0.5, 0.2, 0.4, 7)[None], t(0, 1, 1, 1, 0)[None]
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    assert_close(advantages, t(0, 0.4315, 0.77, 0.6, 0)[None])
+    assert_close(returns, t(0, 0.9315, 0.97, 1.0, 0)[None])
+
+
+def test_clipped_policy_objective_by_hand():
+    ratios, advantages = t(1.5, 0.5, 1.1, 0.5, 3.0), t(1, 1, -1, -1, 5)
+    mask = t(1, 1, 1, 1, 0)
+    # min(rA, clip(r)A): 1.2 (clipped), 0.5, -1.1, -0.8 (clipped); the last token is masked
+    loss, clip_fraction = policy_loss(torch.log(ratios)[None], torch.zeros(1, 5), advantages[None], mask[None], 0.2)
+    assert_close(loss, torch.tensor((-1.2 - 0.5 + 1.1 + 0.8) / 4))
+    assert_close(clip_fraction, torch.tensor(0.5))
+
+
+def test_value_clipping_by_hand():
+    # token 0: max((1-0)^2, (0.7-0)^2) = 1; token 1: max((0.9-1)^2, (0.2-1)^2) = 0.64
+    loss = value_loss(t(1.0, 0.9, 5.0)[None], t(0.5, 0.0, 0.0)[None], t(0.0, 1.0, 0.0)[None], t(1, 1, 0)[None], 0.2)
+    assert_close(loss, torch.tensor(0.5 * (1 + 0.64) / 2))
+
+
+def test_approx_kl_entropy_and_logprobs_by_hand():
+    assert_close(approx_kl(t(math.log(2), 0.0)[None], torch.zeros(1, 2), t(1, 1)[None]),
+                 torch.tensor((2 - 1 - math.log(2)) / 2))
+    assert_close(entropy(torch.zeros(1, 2, 4), t(1, 1)[None]), torch.tensor(math.log(4)))
+    logits = torch.log(t(0.5, 0.25, 0.25))[None, None].expand(1, 3, 3)  # every position: p = (.5, .25, .25)
+    assert_close(gather_logprobs(logits, torch.tensor([[0, 1, 0]])), torch.log(t(0.25, 0.5))[None])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_gate_extremes(threshold):
+    out = combined_reward(t(0.3), t(0.6), torch.tensor([False]), threshold=threshold)
+    assert_close(out, t(0.3) if threshold == 0.0 else t(0.6))
