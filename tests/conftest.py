@@ -84,8 +84,19 @@ def mlflow_server(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = old
+    stop_process(proc)
+
+
+def stop_process(proc, grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `grace` seconds."""
+    import subprocess
+
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@ the README makes about them (pinned images, loopback ports, health-gated start-u
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -128,3 +130,36 @@ def test_schemas_reject_a_broken_manifest(raycluster):
     broken["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"
     with pytest.raises(jsonschema.ValidationError):
         validate(broken, "raycluster")
+
+
+def test_compose_passes_the_compose_specification_schema():
+    # check-jsonschema vendors the Compose specification's own JSON schema
+    r = subprocess.run([str(Path(sys.executable).parent / "check-jsonschema"), "--builtin-schema",
+                        "vendor.compose-spec", str(REPO / "docker-compose.yml")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_rayservice_serves_gpu_pools_on_the_raycluster(raycluster):
+    svc = load("infra/k8s/rayservice.yaml")
+    validate(svc, "rayservice")
+    fix = "run `python infra/k8s/render_rayservice.py`"
+    assert svc["spec"]["serveConfigV2"] == (REPO / "services/configs/gpu-pools.yaml").read_text(), fix
+    cluster = json.loads(json.dumps(svc["spec"]["rayClusterConfig"]))
+    for group in cluster["workerGroupSpecs"] + [cluster["headGroupSpec"]]:
+        for c in group["template"]["spec"]["containers"]:
+            c["env"] = [e for e in c["env"] if e["name"] != "CORRAL_API_KEYS"]
+    assert cluster == raycluster["spec"], fix
+
+
+def test_every_accelerator_type_used_exists_as_a_worker_group(raycluster):
+    groups = {g["rayStartParams"].get("labels", "").partition("=")[2] for g in raycluster["spec"]["workerGroupSpecs"]}
+    used = set()
+    for spec in (REPO / "pipelines/specs").glob("*.yaml"):
+        for step in load(spec.relative_to(REPO))["steps"].values():
+            used.add(step.get("resources", {}).get("accelerator_type"))
+    for cfg in (REPO / "services/configs").glob("*.yaml"):
+        for app in load(cfg.relative_to(REPO))["applications"]:
+            for dep in app.get("deployments", []):
+                used.add(dep.get("ray_actor_options", {}).get("accelerator_type"))
+    used.discard(None)
+    assert used and used <= groups, f"no worker group for {sorted(used - groups)}"
