@@ -132,7 +132,9 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
         if num_cpus:
             cmd += ["--num-cpus", str(num_cpus)]
         log("starting Ray head: " + " ".join(cmd[1:]))
-        env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_uri, "RAY_AUTH_MODE": "token"}
+        env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_uri, "RAY_AUTH_MODE": "token",
+               # job entrypoints (`corral pipeline run ...`) find this environment's commands
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         ray_log = home / "logs" / "ray-start.log"
         with open(ray_log, "a") as out:
             if subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode:
