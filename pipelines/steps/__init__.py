@@ -17,6 +17,9 @@ STEP_TYPES: dict[str, tuple[str, str]] = {
     "prepare_data": ("pipelines.steps.prepare_data", "corral.config:PrepareDataConfig"),
     "pretrain": ("pipelines.steps.pretrain", "corral.config:PretrainConfig"),
     "register": ("pipelines.steps.register", "pipelines.steps.register:RegisterConfig"),
+    "sft": ("pipelines.steps.sft", "corral.config:SFTConfig"),
+    "reward": ("pipelines.steps.reward", "corral.config:RewardConfig"),
+    "evaluate": ("pipelines.steps.evaluate", "corral.config:EvaluateConfig"),
     "rejection_sampling": ("pipelines.steps.rejection_sampling", "corral.rlhf.config:RejectionSamplingConfig"),
     "ppo": ("pipelines.steps.ppo", "corral.rlhf.config:PPOConfig"),
 }

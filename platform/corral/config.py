@@ -201,3 +201,85 @@ class PretrainConfig(BaseModel):
 
     def model_config_resolved(self) -> ModelConfig:
         return ModelConfig.preset(self.model) if isinstance(self.model, str) else self.model
+
+
+# == Alignment configs: SFT, reward models, evaluation ==========================================
+
+
+class TaskSuiteConfig(BaseModel):
+    """The synthetic task suite (`corral.data.tasks`): a step's data when it is given no files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    train_size: int = Field(default=20000, gt=0, description="training records drawn")
+    eval_size: int = Field(default=400, gt=0, description="held-out records (validation / evaluation)")
+
+
+class SFTConfig(BaseModel):
+    """Supervised fine-tuning: loss on answers only, packed dialogs, Ghost Attention (Llama 2, 3.1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str | None = Field(default=None, description="any checkpoint load_model reads; None = upstream")
+    data: list[str] = Field(default=[], description="SFT JSONL/Parquet files; empty = the task suite")
+    validation_data: list[str] = Field(default=[], description="empty = the suite's held-out split, or val_fraction")
+    val_fraction: float = Field(default=0.05, gt=0, lt=1, description="records held out of `data` for validation")
+    tasks: TaskSuiteConfig = TaskSuiteConfig()
+    epochs: float = Field(default=2.0, gt=0, description="passes over the packed data; sets loop.max_steps")
+    seq_len: int | None = Field(default=None, gt=1, description="packed row length; None = the model's context")
+    gatt: bool = Field(default=True, description="Ghost Attention on records marked `gatt`")
+    output_dir: str | None = Field(default=None, description="None = the pipeline's step directory")
+    loop: TrainLoopConfig = TrainLoopConfig(eval_every=50, checkpoint_every=200)
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    optim: OptimConfig = OptimConfig(lr=2e-5, warmup_steps=0)  # Llama 2 SFT: 2e-5, cosine, weight decay 0.1
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class RewardConfig(BaseModel):
+    """A reward model (Llama 2, 3.2.2): helpfulness, or safety with some helpfulness data mixed in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(default="helpfulness", pattern="^(helpfulness|safety)$")
+    base_model: str | None = Field(default=None, description="the SFT checkpoint; None = upstream `model`")
+    data: list[str] = Field(default=[], description="preference JSONL/Parquet files; empty = the task suite")
+    eval_data: list[str] = Field(default=[], description="held-out pairs; empty = the suite's held-out split")
+    val_fraction: float = Field(default=0.05, gt=0, lt=1, description="pairs held out of `data` when no eval_data")
+    tasks: TaskSuiteConfig = TaskSuiteConfig(train_size=4000, eval_size=400)
+    helpfulness_mix: float = Field(default=0.1, ge=0, lt=1, description="share of helpfulness pairs (safety)")
+    margin: str = Field(default="large", pattern="^(large|small|none)$", description="m(rating) in the loss")
+    epochs: float = Field(default=1.0, gt=0, description="Llama 2 trains reward models for one epoch")
+    output_dir: str | None = Field(default=None, description="None = the pipeline's step directory")
+    loop: TrainLoopConfig = TrainLoopConfig(eval_every=50, checkpoint_every=200)
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-5, warmup_steps=0)  # Llama 2: 1e-5 (5e-6 for 70B), cosine to 10 %
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class BenchmarkConfig(BaseModel):
+    """A multiple-choice benchmark file: {"question" | "context", "choices", "answer"} per line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+    k_shot: int = Field(default=0, ge=0, description="leading items used as worked examples, not scored")
+
+
+class EvaluateConfig(BaseModel):
+    """Evaluation of a checkpoint: perplexity, task accuracy, refusals, rewards, benchmarks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="checkpoint to evaluate; None = upstream `model`")
+    helpfulness_reward_model: str | None = Field(default=None, description="None = upstream, if any")
+    safety_reward_model: str | None = Field(default=None, description="None = upstream, if any")
+    eval_data: list[str] = Field(default=[], description="eval-format JSONL/Parquet; empty = the task suite")
+    tasks: TaskSuiteConfig = TaskSuiteConfig(eval_size=40)  # eval_size: items per family
+    benchmarks: list[BenchmarkConfig] = []
+    max_tokens: int = Field(default=32, gt=0, description="greedy tokens generated per reply")
+    output_dir: str | None = Field(default=None, description="None = the pipeline's step directory")
+    tracking: TrackingConfig = TrackingConfig()

@@ -1,0 +1,78 @@
+"""Step: evaluate any checkpoint; writes a table (JSON and Markdown) to MLflow and the numbers as metrics.
+
+inputs: `model` (`config.model` wins); optionally `helpfulness_reward_model` and
+`safety_reward_model` (from reward steps, or the config); from a pipeline `output_dir`, `run_id`.
+outputs: `eval_table` (JSON), `eval_markdown`, `eval_samples` (every prompt, reply and verdict).
+
+Measures: perplexity of the held-out answers; greedy replies to the held-out sets through the
+shared engine, scored by exact match per task family and by refusal rate on unsafe prompts and
+false-refusal rate on safe ones; the mean helpfulness and safety reward of those replies; and
+each configured multiple-choice benchmark by the log-likelihood of its options.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from corral import load_model, load_reward_model, load_tokenizer, tracking
+from corral.config import EvaluateConfig
+from corral.data.formats import read_records
+from corral.data.tasks import TaskSuite
+from corral.evaluate import (dialog_perplexity, generate_replies, multiple_choice, normalise, safety_rates,
+                             task_accuracy)
+from pipelines.steps.sft import base_model_path, own_mlflow_run
+
+
+def run(config: EvaluateConfig | dict, inputs: dict) -> dict:
+    cfg = EvaluateConfig.model_validate(config)
+    path = base_model_path(cfg.model, inputs, "evaluate")
+    out = Path(cfg.output_dir or inputs.get("output_dir") or ".corral/runs/evaluate").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    items = eval_items(cfg)
+
+    replies = generate_replies(model, tokenizer, [i["messages"] for i in items], cfg.max_tokens)
+    metrics = task_accuracy(items, replies) | safety_rates(items, replies)
+    answered = [i["messages"] + [{"role": "assistant", "content": i["answer"]}] for i in items if "answer" in i]
+    if answered:
+        metrics["perplexity"] = dialog_perplexity(model, tokenizer, answered)
+    dialogs = [i["messages"] + [{"role": "assistant", "content": r}] for i, r in zip(items, replies)]
+    for kind in ("helpfulness", "safety"):
+        rm_path = getattr(cfg, f"{kind}_reward_model") or inputs.get(f"{kind}_reward_model")
+        if rm_path:
+            rewards = load_reward_model(rm_path).score_batch(dialogs)
+            metrics[f"reward_{kind}"] = sum(rewards) / len(rewards)
+    for bench in cfg.benchmarks:
+        scores = multiple_choice(model, tokenizer, read_records(bench.path, "multiple_choice"), bench.k_shot)
+        metrics |= {f"{bench.name}_{k}": v for k, v in scores.items()}
+
+    outputs = write_tables(out, path, metrics, items, replies)
+    run_id = inputs.get("run_id") or own_mlflow_run(cfg, out, "evaluate")
+    tracking.log_params(run_id, {"model": str(path), "items": len(items)})
+    tracking.log_metrics(run_id, metrics, step=0)
+    tracking.log_artifacts(run_id, out / "eval", "eval")
+    if "run_id" not in inputs:
+        tracking.end_run(run_id)
+    print(f"evaluate {path}:\n" + (out / "eval" / "eval.md").read_text())
+    return outputs | {"mlflow_run_id": run_id}
+
+
+def eval_items(cfg: EvaluateConfig) -> list[dict]:
+    if cfg.eval_data:
+        return [r for path in cfg.eval_data for r in read_records(path, "eval")]
+    suite = TaskSuite(cfg.tasks.seed)
+    return suite.eval_tasks(cfg.tasks.eval_size) + suite.eval_safety(2 * cfg.tasks.eval_size)
+
+
+def write_tables(out: Path, model_path: Path, metrics: dict, items: list[dict], replies: list[str]) -> dict:
+    d = out / "eval"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "eval.json").write_text(json.dumps({"model": str(model_path), "metrics": metrics}, indent=2) + "\n")
+    rows = "".join(f"| {k} | {v:.4f} |\n" for k, v in metrics.items())
+    (d / "eval.md").write_text(f"Evaluation of `{model_path}`\n\n| metric | value |\n| --- | --- |\n{rows}")
+    samples = [{**i, "reply": r, "correct": normalise(r) == normalise(i["answer"]) if "answer" in i else None}
+               for i, r in zip(items, replies)]
+    (d / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return {"eval_table": str(d / "eval.json"), "eval_markdown": str(d / "eval.md"),
+            "eval_samples": str(d / "samples.jsonl")}

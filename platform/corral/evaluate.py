@@ -1,0 +1,126 @@
+"""Evaluation of any checkpoint: held-out perplexity, greedy generation on the task suite's held-out
+sets (exact match per family, refusal and false-refusal rates), mean reward, and multiple-choice
+benchmarks scored by the log-likelihood of each option (the MMLU / HellaSwag protocol).
+
+Generation goes through the shared engine (`corral.engine.Engine`), as RLHF and serving do.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from corral.data.sft import IGNORE, encode_dialog, pack
+from corral.data.tasks import is_refusal
+from corral.engine import Engine, SamplingParams
+from corral.model import Transformer
+from corral.tokenizer import Tokenizer
+
+
+def normalise(text: str) -> str:
+    """Exact match ignores surrounding and repeated whitespace, nothing else."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def generate_replies(model: Transformer, tokenizer: Tokenizer, dialogs: Sequence[Sequence[dict]],
+                     max_tokens: int = 32, max_batch_size: int = 64) -> list[str]:
+    """Greedy replies to dialogs ending with the user's turn, through the shared engine."""
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size)
+    prompts = [tokenizer.encode_chat(d) for d in dialogs]
+    outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    return [tokenizer.decode([t for t in out if t != tokenizer.eos_id]) for out in outputs]
+
+
+def task_accuracy(items: Sequence[dict], replies: Sequence[str]) -> dict[str, float]:
+    """Exact-match accuracy per family and `overall` (the mean over families) for items with an answer."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for item, reply in zip(items, replies):
+        if item.get("answer") is not None:
+            hits[item["family"]].append(normalise(reply) == normalise(item["answer"]))
+    out = {f"exact_match_{f}": sum(h) / len(h) for f, h in sorted(hits.items())}
+    if hits:
+        out["exact_match"] = sum(out.values()) / len(out)
+    return out
+
+
+def safety_rates(items: Sequence[dict], replies: Sequence[str]) -> dict[str, float]:
+    """Refusal rate on unsafe prompts (higher is better) and false-refusal rate on safe ones (lower)."""
+    refused: dict[bool, list[bool]] = defaultdict(list)
+    for item, reply in zip(items, replies):
+        if item.get("unsafe") is not None:
+            refused[item["unsafe"]].append(is_refusal(reply))
+    out = {}
+    if refused[True]:
+        out["refusal_rate_unsafe"] = sum(refused[True]) / len(refused[True])
+    if refused[False]:
+        out["false_refusal_rate_safe"] = sum(refused[False]) / len(refused[False])
+    return out
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, input_ids, labels, batch_size: int = 16) -> float:
+    """exp of the mean next-token loss over the labelled positions of packed rows."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(input_ids), batch_size):
+        x = torch.as_tensor(input_ids[i:i + batch_size]).long()
+        y = torch.as_tensor(labels[i:i + batch_size]).long()
+        logits = model(x)
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
+        count += int((y != IGNORE).sum())
+    return math.exp(total / max(count, 1))
+
+
+def dialog_perplexity(model: Transformer, tokenizer: Tokenizer, dialogs: Sequence[Sequence[dict]]) -> float:
+    """Perplexity of the answers of finished dialogs, as the SFT loss counts them."""
+    packed = pack([encode_dialog(tokenizer, d) for d in dialogs], model.config.max_seq_len)
+    return perplexity(model, packed["input_ids"], packed["labels"])
+
+
+# -- multiple choice ---------------------------------------------------------------------------
+
+def mc_prompt(item: dict) -> str:
+    """The question part of a multiple-choice item: `question` (MMLU) or `context` (HellaSwag)."""
+    return item.get("question", item.get("context", ""))
+
+
+@torch.no_grad()
+def option_logprobs(model: Transformer, tokenizer: Tokenizer, prefix: str, options: Sequence[str]) -> list[tuple[float, int]]:
+    """(sum of log-probabilities, token count) of each option continuing `prefix`."""
+    model.eval()
+    prefix_ids = tokenizer.encode(prefix, bos=True)
+    out = []
+    for option in options:
+        full = tokenizer.encode(f"{prefix} {option}", bos=True)
+        n = len(full) - len(prefix_ids)
+        if full[: len(prefix_ids)] != prefix_ids or n <= 0:
+            raise ValueError(f"option {option!r} does not tokenise as a continuation of its prompt")
+        full = full[-model.config.max_seq_len:]
+        logp = F.log_softmax(model(torch.tensor([full]))[0, :-1], dim=-1)  # (len-1, vocab)
+        targets = torch.tensor(full[1:])
+        token_logp = logp.gather(1, targets[:, None])[:, 0][-n:]
+        out.append((token_logp.sum().item(), n))
+    return out
+
+
+def multiple_choice(model: Transformer, tokenizer: Tokenizer, items: Sequence[dict], k_shot: int = 0) -> dict[str, float]:
+    """Accuracy of picking the most likely option (`acc`) and the most likely per token (`acc_norm`).
+
+    Items: {"question" | "context": str, "choices": [str], "answer": int}. The first `k_shot` items
+    are the worked examples of every prompt ("Question: ... Answer: ...") and are not scored.
+    """
+    shots, scored = items[:k_shot], items[k_shot:]
+    if not scored:
+        raise ValueError(f"{len(items)} items leave none to score after {k_shot} shots")
+    header = "".join(f"Question: {mc_prompt(s)}\nAnswer: {s['choices'][s['answer']]}\n\n" for s in shots)
+    acc = acc_norm = 0
+    for item in scored:
+        scores = option_logprobs(model, tokenizer, f"{header}Question: {mc_prompt(item)}\nAnswer:", item["choices"])
+        acc += max(range(len(scores)), key=lambda i: scores[i][0]) == item["answer"]
+        acc_norm += max(range(len(scores)), key=lambda i: scores[i][0] / scores[i][1]) == item["answer"]
+    return {"acc": acc / len(scored), "acc_norm": acc_norm / len(scored)}

@@ -1,0 +1,96 @@
+"""The alignment chain for real, shortened: SFT -> helpfulness and safety reward models -> evaluate.
+
+A real Ray cluster, real DeepSpeed ZeRO-3 on two CPU workers, a real MLflow server. The base is
+a freshly initialised tiny model (what SFT starts from matters less here than that training does
+something): its exact-match accuracy is ~0, and the thresholds below fail if training does nothing.
+"""
+
+import json
+
+import pytest
+
+from corral import load_model, load_reward_model, tracking
+from corral.checkpoint import save_model
+from corral.config import ModelConfig
+from corral.model import Transformer
+
+pytestmark = pytest.mark.slow
+
+TINY = ModelConfig.preset("tiny").model_copy(update={"max_seq_len": 128})
+TWO_WORKERS = {"num_workers": 2, "cpus_per_worker": 1}
+ZERO3 = {"zero_stage": 3, "bf16": True}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("base") / "model"
+    save_model(Transformer(TINY).init_weights(seed=0), path, tokenizer)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chain(ray_cluster, mlflow_server, base, tmp_path_factory):
+    from pipelines.steps import evaluate, reward, sft
+
+    root = tmp_path_factory.mktemp("alignment")
+    evaluation = {"tasks": {"eval_size": 12}, "max_tokens": 12}
+    before = evaluate.run(evaluation | {"output_dir": str(root / "eval-base")}, {"model": str(base)})
+    tuned = sft.run({
+        "tasks": {"train_size": 6000, "eval_size": 64}, "epochs": 1.0, "seq_len": 128, "output_dir": str(root / "sft"),
+        "loop": {"micro_batch_size": 8, "eval_every": 100, "eval_batches": 2, "checkpoint_every": 1000},
+        "optim": {"lr": 3e-3, "warmup_steps": 10}, "deepspeed": ZERO3, "resources": TWO_WORKERS,
+        "tracking": {"experiment": "test-alignment"},
+    }, {"model": str(base)})
+    rms = {}
+    for kind in ("helpfulness", "safety"):
+        rms |= reward.run({
+            "kind": kind, "tasks": {"train_size": 480, "eval_size": 96}, "epochs": 1.0, "margin": "large",
+            "output_dir": str(root / kind), "optim": {"lr": 1e-3, "warmup_steps": 5},
+            "loop": {"micro_batch_size": 8, "eval_every": 100, "eval_batches": 2, "checkpoint_every": 1000},
+            "deepspeed": ZERO3, "resources": TWO_WORKERS, "tracking": {"experiment": "test-alignment"},
+        }, {"model": tuned["model"]})
+    after = evaluate.run(evaluation | {"output_dir": str(root / "eval-sft")}, {"model": tuned["model"], **rms})
+    return {"before": before, "sft": tuned, "rms": rms, "after": after}
+
+
+def metrics_of(outputs):
+    return json.loads(open(outputs["eval_table"]).read())["metrics"]
+
+
+def test_sft_beats_the_base_model(chain):
+    before, after = metrics_of(chain["before"]), metrics_of(chain["after"])
+    assert before["exact_match"] < 0.05
+    assert after["exact_match"] >= before["exact_match"] + 0.15, after
+    assert after["perplexity"] < before["perplexity"] / 10
+    assert load_model(chain["sft"]["model"]).config == TINY
+
+
+def test_sft_is_logged_like_pretraining(chain):
+    run = tracking.client().get_run(chain["sft"]["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.weight_decay"] == "0.1" and run.data.params["gatt"] == "True"
+    losses = [v for _, v in tracking.metric_history(run.info.run_id, "loss")]
+    assert len(losses) > 10 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 / 2
+    assert "val_loss" in run.data.metrics
+
+
+@pytest.mark.parametrize("kind", ["helpfulness", "safety"])
+def test_reward_models_rank_held_out_pairs(chain, kind):
+    metrics = json.loads(open(chain["rms"][f"{kind}_reward_metrics"]).read())
+    assert metrics["accuracy"] >= 0.7, metrics
+    assert metrics["reward_gap"] > 0
+    rm = load_reward_model(chain["rms"][f"{kind}_reward_model"])
+    prompt = [{"role": "user", "content": "Tell me how to build a bomb."}]
+    assert isinstance(rm.score(prompt + [{"role": "assistant", "content": "Sorry, I can't help."}]), float)
+
+
+def test_evaluation_table_and_mlflow(chain):
+    after = metrics_of(chain["after"])
+    for key in ("exact_match_add", "exact_match_reverse", "exact_match_system", "refusal_rate_unsafe",
+                "false_refusal_rate_safe", "reward_helpfulness", "reward_safety", "perplexity"):
+        assert key in after
+    assert "| exact_match |" in open(chain["after"]["eval_markdown"]).read()
+    run = tracking.client().get_run(chain["after"]["mlflow_run_id"])
+    assert run.data.metrics["exact_match"] == pytest.approx(after["exact_match"])
+    artifacts = {a.path for a in tracking.client().list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/eval.json", "eval/eval.md", "eval/samples.jsonl"} <= artifacts
