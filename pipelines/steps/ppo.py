@@ -1,0 +1,61 @@
+"""Step: PPO with the Llama 2 reward on Ray actors (policy, critic, reference, two reward models).
+
+inputs: `model` (the policy to start from, e.g. rejection sampling's; `config.policy` wins),
+`upstream` (reward steps named by `helpful_reward` / `safety_reward`), `run_id` from a pipeline.
+outputs: `model` (the last good policy, corral format), `mlflow_run_id`, `summary` (JSON with
+held-out metrics before and after, and why the run stopped early if it did).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from corral import tracking
+from corral.checkpoint import load_tokenizer, read_config
+from corral.rlhf.actors import RoleGroup
+from corral.rlhf.config import PPOConfig
+from corral.rlhf.ppo import ppo_roles, train_ppo
+from corral.rlhf.rollout import heldout, load_prompts
+from pipelines.steps.rejection_sampling import heldout_summary, resolve_models
+
+
+def run(config: PPOConfig | dict, inputs: dict) -> dict:
+    cfg = PPOConfig.model_validate(config)
+    policy, helpful, safety = resolve_models(cfg, inputs)
+    beta = cfg.beta_for(read_config(policy))
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    own_run = "run_id" not in inputs
+    run_id = inputs.get("run_id") or tracking.start_run(cfg.tracking.experiment, cfg.tracking.run_name or "ppo")
+    tracking.log_params(run_id, cfg.model_dump(mode="json") | {"policy_path": policy, "helpful_path": helpful,
+                                                                  "safety_path": safety, "beta_used": beta})
+    tokenizer = load_tokenizer(policy)
+    train, held = load_prompts(cfg.prompts)
+    group = RoleGroup(ppo_roles(cfg, policy, helpful, safety), cfg.resources, "PPO")
+    try:
+        before = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
+        result = train_ppo(cfg, group, tokenizer, train, beta, run_id, out / "policy")
+        # after an early stop the live policy is the rejected one: judge only a finished run
+        after = None if result["stop_reason"] else heldout(group, tokenizer, held, cfg.max_new_tokens,
+                                                           cfg.safety_threshold)
+    except BaseException:
+        if own_run:
+            tracking.end_run(run_id, "FAILED")
+        raise
+    finally:
+        group.shutdown()
+    summary = heldout_summary(before, after) | {"iterations": result["iterations"], "last_good": result["last_good"]}
+    if result["stop_reason"]:
+        summary["stop_reason"] = result["stop_reason"]
+        tracking.client().set_tag(run_id, "corral.ppo.stopped_early", result["stop_reason"])
+        print(f"PPO stopped early: {result['stop_reason']} ({out / 'policy'})", file=sys.stderr)
+    tracking.log_metrics(run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                         step=result["iterations"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("PPO held-out: " + json.dumps(summary), file=sys.stderr)
+    tracking.log_artifacts(run_id, out / "policy", "model")
+    if own_run:
+        tracking.end_run(run_id)
+    return {"model": str(out / "policy"), "mlflow_run_id": run_id, "summary": str(out / "summary.json")}

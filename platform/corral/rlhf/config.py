@@ -1,0 +1,104 @@
+"""Configs of the two RLHF steps: rejection sampling and PPO (pydantic, extra="forbid").
+
+Defaults are the Llama 2 paper's numbers (section 3.2.3); the tiny pipeline spec overrides the
+ones a 3M-parameter model on a 2-core CPU needs changed (learning rates, batch sizes, lengths).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from corral.config import DeepSpeedConfig, ModelConfig, OptimConfig, TrackingConfig
+
+
+class PromptsConfig(BaseModel):
+    """Where the RL prompts come from: files in the rl_prompts format, else the synthetic task suite."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_path: str | None = Field(default=None, description="rl_prompts JSONL/Parquet; None = task suite")
+    eval_path: str | None = Field(default=None, description="held-out rl_prompts; None = task suite eval split")
+    suite_seed: int = 0
+    n_train: int = Field(default=512, ge=1, description="suite prompts to train on")
+    n_eval: int = Field(default=64, ge=0, description="held-out suite prompts scored before and after; 0 = skip")
+    safety_fraction: float = Field(default=0.3, ge=0, le=1, description="share of safety-family prompts")
+
+
+class RoleResources(BaseModel):
+    """One placement-group bundle per role. 0.5 CPU each lets the five PPO roles share a 2-core
+    machine (they mostly wait on one another); on a cluster give the trained roles a GPU each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus_per_role: float = Field(default=0.5, gt=0)
+    gpus_per_role: float = Field(default=0, ge=0)
+    accelerator_type: str | None = None
+    strategy: str = Field(default="PACK", pattern="^(PACK|SPREAD|STRICT_PACK|STRICT_SPREAD)$",
+                          description="PACK: one machine if it fits, else spread over several")
+    call_timeout_s: float = Field(default=3600, gt=0, description="a role call that takes longer fails the step")
+
+
+class RLStepConfig(BaseModel):
+    """What both RLHF steps share: the models, the prompts, the reward gate, sampling, resources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str | None = Field(default=None, description="starting policy checkpoint; None = the `model` input")
+    helpful_reward: str | None = Field(default=None, description="path or upstream step id; None = the "
+                                       "`helpfulness_reward_model` input")
+    safety_reward: str | None = Field(default=None, description="path or upstream step id; None = the "
+                                      "`safety_reward_model` input")
+    prompts: PromptsConfig = PromptsConfig()
+    safety_threshold: float = Field(default=0.15, gt=0, lt=1, description="R_safety below this decides (paper)")
+    max_new_tokens: int = Field(default=128, ge=1)
+    output_dir: str = Field(default=".corral/runs/rlhf", description="checkpoints and the final policy")
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    resources: RoleResources = RoleResources()
+    tracking: TrackingConfig = TrackingConfig()
+    seed: int = 0
+
+
+class RejectionSamplingConfig(RLStepConfig):
+    """Best-of-K rejection sampling fine-tuning, several rounds, best of all rounds kept."""
+
+    rounds: int = Field(default=1, ge=1)
+    samples_per_prompt: int = Field(default=4, ge=1, description="K")
+    temperature: float = Field(default=1.2, gt=0, le=2, description="paper: 1.2-1.3 for RLHF models")
+    epochs: int = Field(default=2, ge=1, description="SFT epochs over the kept answers per round")
+    micro_batch_size: int = Field(default=8, ge=1)
+    seq_len: int = Field(default=256, ge=8, description="packed SFT rows")
+    optim: OptimConfig = OptimConfig(lr=2e-5, warmup_steps=0, schedule="constant")  # the SFT LR, no schedule
+
+
+class PPOConfig(RLStepConfig):
+    """PPO with the Llama 2 reward: WHITEN(LOGIT(R_c)) - beta * KL(pi || pi_ref) per token."""
+
+    iterations: int = Field(default=200, ge=1, description="paper: 200-400")
+    rollout_batch_size: int = Field(default=512, ge=1, description="prompts per iteration (paper: 512)")
+    minibatch_size: int = Field(default=64, ge=1, description="one gradient step each (paper: 64)")
+    ppo_epochs: int = Field(default=1, ge=1, description="passes over a rollout batch")
+    temperature: float = Field(default=1.0, gt=0, le=2)
+    beta: float | None = Field(default=None, ge=0, description="KL penalty; None = 0.01 below 30B params, else 0.005")
+    clip: float = Field(default=0.2, gt=0)
+    value_clip: float = Field(default=0.2, gt=0)
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1)
+    max_kl: float = Field(default=10.0, gt=0, description="stop when mean KL per response (nats) passes this")
+    save_every: int = Field(default=10, ge=1, description="iterations between policy checkpoints")
+    samples_every: int = Field(default=10, ge=1, description="iterations between MLflow sample tables")
+    sample_rows: int = Field(default=8, ge=1)
+    optim: OptimConfig = OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant")  # paper: constant 1e-6
+    critic_optim: OptimConfig = OptimConfig(lr=5e-6, warmup_steps=0, schedule="constant")  # not in the paper
+
+    @model_validator(mode="after")
+    def _check_batches(self) -> "PPOConfig":
+        if self.minibatch_size > self.rollout_batch_size:
+            raise ValueError(f"minibatch_size ({self.minibatch_size}) exceeds rollout_batch_size "
+                             f"({self.rollout_batch_size})")
+        return self
+
+    def beta_for(self, model: ModelConfig) -> float:
+        """The paper's beta: 0.01 for 7B/13B, 0.005 for 34B/70B; tiny and small take 0.01 too."""
+        if self.beta is not None:
+            return self.beta
+        return 0.005 if model.num_params() > 30e9 else 0.01

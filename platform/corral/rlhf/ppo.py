@@ -1,0 +1,121 @@
+"""PPO (Llama 2, section 3.2.3) driven from one process over the role actors of a `RoleGroup`.
+
+Each iteration: the policy samples a batch of prompts through the shared engine; both reward
+models score the replies; R = WHITEN(LOGIT(R_c)) on the last token minus beta * KL(pi || pi_ref)
+on every token; GAE (gamma 1, lambda 0.95) with the critic's values; then minibatches, one
+gradient step each, on the policy (clipped surrogate) and the critic (clipped value loss) at once.
+
+The run stops early, keeping the last good checkpoint, when the mean KL per response passes
+`max_kl` or a loss becomes NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from corral import tracking
+from corral.engine import SamplingParams
+from corral.rlhf.actors import CriticActor, PolicyActor, ReferenceActor, RewardActor, RoleGroup
+from corral.rlhf.config import PPOConfig
+from corral.rlhf.objectives import gae, logit, ppo_token_rewards, token_kl, whiten
+from corral.rlhf.rollout import Samples, pad_rollouts, sample_and_score
+from corral.tokenizer import Tokenizer
+
+
+def ppo_roles(cfg: PPOConfig, policy: str, helpful: str, safety: str) -> dict[str, tuple]:
+    """The five roles: two trained under DeepSpeed, three frozen."""
+    return {
+        "policy": (PolicyActor, (policy, cfg.deepspeed, cfg.optim, cfg.minibatch_size)),
+        "critic": (CriticActor, (helpful, cfg.deepspeed, cfg.critic_optim, cfg.minibatch_size)),
+        "reference": (ReferenceActor, (policy, cfg.deepspeed.bf16)),
+        "helpful": (RewardActor, (helpful,)),
+        "safety": (RewardActor, (safety,)),
+    }
+
+
+@dataclass
+class Experience:
+    samples: Samples
+    batch: dict[str, torch.Tensor]  # tokens (bsz, L); mask, logprobs, values, advantages, returns (bsz, L-1)
+    metrics: dict[str, float]
+
+
+def make_experience(group: RoleGroup, tokenizer: Tokenizer, records: list[dict], cfg: PPOConfig, beta: float,
+                    seed: int) -> Experience:
+    """Sample, score, and turn the scores into per-token advantages and returns."""
+    params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=seed)
+    s = sample_and_score(group, tokenizer, records, params, cfg.safety_threshold)
+    tokens, mask = pad_rollouts(s.prompt_ids, s.response_ids)
+    out = group.get({"policy": group["policy"].logprobs.remote(tokens),
+                     "reference": group["reference"].logprobs.remote(tokens),
+                     "critic": group["critic"].values.remote(tokens)}, "scoring the rollouts")
+    kl = token_kl(out["policy"], out["reference"], mask)
+    score = whiten(logit(s.reward))  # (bsz,)
+    rewards = ppo_token_rewards(score, kl, mask, beta)
+    advantages, returns = gae(rewards, out["critic"] * mask, mask, cfg.gamma, cfg.lam)
+    batch = {"tokens": tokens, "mask": mask, "logprobs": out["policy"], "values": out["critic"] * mask,
+             "advantages": whiten(advantages, mask), "returns": returns}
+    metrics = {"reward": s.reward.mean().item(), "reward_helpful": s.helpful.mean().item(),
+               "reward_safety": s.safety.mean().item(), "kl": kl.sum(1).mean().item(),
+               "response_length": mask.sum(1).mean().item()}
+    return Experience(s, batch, metrics)
+
+
+def ppo_update(group: RoleGroup, batch: dict[str, torch.Tensor], cfg: PPOConfig, gen: torch.Generator) -> dict[str, float]:
+    """Shuffled minibatches, one gradient step each on policy and critic; the mean of their stats."""
+    stats: dict[str, list[float]] = {}
+    n = batch["tokens"].shape[0]
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, cfg.minibatch_size):
+            mb = {k: v[order[i:i + cfg.minibatch_size]] for k, v in batch.items()}
+            out = group.get({"policy": group["policy"].train_ppo.remote(mb, cfg.clip),
+                             "critic": group["critic"].train_values.remote(mb, cfg.value_clip)}, "training")
+            for k, v in (out["policy"] | out["critic"]).items():
+                stats.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def sample_table(run_id: str, samples: Samples, rows: int, iteration: int) -> None:
+    """Prompts, replies and rewards of the first `rows` samples, as an MLflow table."""
+    data = {"prompt": [str(r["prompt"]) for r in samples.records[:rows]], "response": samples.replies[:rows],
+            "reward": samples.reward[:rows].tolist(), "helpful": samples.helpful[:rows].tolist(),
+            "safety": samples.safety[:rows].tolist()}
+    tracking.client().log_table(run_id, data=data, artifact_file=f"samples/iteration_{iteration:05d}.json")
+
+
+def train_ppo(cfg: PPOConfig, group: RoleGroup, tokenizer: Tokenizer, prompts: list[dict], beta: float,
+              run_id: str, policy_dir: Path) -> dict:
+    """The PPO loop. Returns {"iterations", "last_good", "stop_reason", "history"}."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history, last_good, stop_reason = [], None, None
+    for it in range(cfg.iterations):
+        start = it * cfg.rollout_batch_size
+        records = [prompts[(start + j) % len(prompts)] for j in range(cfg.rollout_batch_size)]
+        exp = make_experience(group, tokenizer, records, cfg, beta, seed=cfg.seed * 1_000_003 + it)
+        if exp.metrics["kl"] > cfg.max_kl:  # this policy is already too far from the reference
+            stop_reason = (f"iteration {it}: KL {exp.metrics['kl']:.3f} passed max_kl {cfg.max_kl}; "
+                           f"kept the policy of iteration {last_good}")
+            break
+        if it % cfg.save_every == 0:
+            group.call("policy", "save", str(policy_dir), {"stage": "ppo", "iteration": it}, doing="saving")
+            last_good = it
+        if it % cfg.samples_every == 0:
+            sample_table(run_id, exp.samples, cfg.sample_rows, it)
+        metrics = exp.metrics | ppo_update(group, exp.batch, cfg, gen)  # every role is synced here
+        tracking.log_metrics(run_id, metrics, step=it)
+        history.append(metrics)
+        print(f"ppo {it}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        if not all(math.isfinite(v) for v in metrics.values()):
+            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+            stop_reason = f"iteration {it}: {', '.join(bad)} became NaN; kept the policy of iteration {last_good}"
+            break
+    else:
+        group.call("policy", "save", str(policy_dir), {"stage": "ppo", "iteration": cfg.iterations},
+                   doing="saving")
+        last_good = cfg.iterations
+    return {"iterations": len(history), "last_good": last_good, "stop_reason": stop_reason, "history": history}
