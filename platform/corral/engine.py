@@ -11,10 +11,12 @@ One engine serves every caller. RLHF rollouts, rejection sampling and evaluation
 3. sample every row with its own parameters and its own random stream, detokenize, check stop
    tokens and stop strings, and retire finished requests, freeing their slots for the next step.
 
-A request's tokens depend only on its prompt, parameters and seed: prefill runs it alone and a
-decode row reads only its own slot. The batch size changes which matrix-multiply kernel runs, so
-logits can differ from a batch-1 run in the last bits (~1e-6 in fp32); greedy tokens are the same
-unless two logits tie to that precision.
+A request's tokens depend only on its prompt, parameters and seed, not on what else runs
+(`batch_invariant`, the default): prefill runs each prompt alone; decode attends row by row over
+each row's own length, and pads the batch to at least `MIN_DECODE_ROWS` rows, because CPU BLAS
+picks a different matrix-multiply kernel for fewer rows and the last bits of the logits would then
+depend on the batch size (a greedy token can flip on a near-tie, which random-weight models are
+full of). The price is speed at low concurrency; `batch_invariant=False` drops both measures.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.model import KVCache, Transformer
 from corral.tokenizer import Tokenizer
+
+MIN_DECODE_ROWS = 16  # measured: x86 BLAS gives a row the same bits for any batch of >= 16 rows
 
 
 class SamplingParams(BaseModel):
@@ -112,17 +116,20 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch_size: int = 32,
-                 max_seq_len: int | None = None, max_prefill_tokens: int = 512):
+                 max_seq_len: int | None = None, max_prefill_tokens: int = 512, batch_invariant: bool = True):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_seq_len = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
         self.max_prefill_tokens = max_prefill_tokens
+        self.batch_invariant = batch_invariant
         param = next(model.parameters())
         self.device = param.device
-        self.cache = KVCache(model.config, max_batch_size, self.max_seq_len, dtype=param.dtype,
+        # one slot more than requests: the scratch row that pads small decode batches
+        self.cache = KVCache(model.config, max_batch_size + 1, self.max_seq_len, dtype=param.dtype,
                              device=param.device)
+        self.max_batch_size = self._scratch_slot = max_batch_size
         self._free_slots = deque(range(max_batch_size))
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}  # request id -> request holding a slot
@@ -187,10 +194,10 @@ class Engine:
             return {
                 "running": len(self._running),
                 "waiting": len(self._waiting),
-                "slots_total": self.cache.n_slots,
-                "slots_used": self.cache.n_slots - len(self._free_slots),
+                "slots_total": self.max_batch_size,
+                "slots_used": self.max_batch_size - len(self._free_slots),
                 "cache_tokens_used": sum(len(r.prompt) + len(r.tokens) for r in self._running.values()),
-                "cache_tokens_total": self.cache.n_slots * self.max_seq_len,
+                "cache_tokens_total": self.max_batch_size * self.max_seq_len,
                 "cancelled_total": self.cancelled_total,
             }
 
@@ -208,11 +215,14 @@ class Engine:
                 batch = list(self._running.values())
             if not batch:
                 return
-            tokens = torch.tensor([[r.tokens[-1]] for r in batch], device=self.device)  # (bsz, 1)
-            slots = torch.tensor([r.slot for r in batch], device=self.device)
-            positions = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in batch], device=self.device)
-            logits = self.model(tokens, self.cache, slots, positions, last_only=True)
-            self._sample_and_advance(batch, logits[:, -1])
+            pad = max(0, MIN_DECODE_ROWS - len(batch)) if self.batch_invariant else 0
+            tokens = torch.tensor([[r.tokens[-1]] for r in batch] + [[0]] * pad, device=self.device)  # (bsz, 1)
+            slots = torch.tensor([r.slot for r in batch] + [self._scratch_slot] * pad, device=self.device)
+            positions = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in batch] + [0] * pad,
+                                     device=self.device)
+            logits = self.model(tokens, self.cache, slots, positions, last_only=True,
+                                exact_rows=self.batch_invariant)
+            self._sample_and_advance(batch, logits[: len(batch), -1])
 
     def _admit(self) -> list[_Request]:
         """Move waiting requests into free slots, FIFO, within the step's prefill budget."""
@@ -299,7 +309,9 @@ class Engine:
                 if len(finished) == len(prompts):
                     done.set()
 
-        seeded = lambda i: params if params.seed is None else params.model_copy(update={"seed": params.seed + i})  # noqa: E731
+        def seeded(i: int) -> SamplingParams:
+            return params if params.seed is None else params.model_copy(update={"seed": params.seed + i})
+
         ids = [self.submit(prompt, seeded(i), collect) for i, prompt in enumerate(prompts)]
         while ids and not done.is_set():
             if self._thread is None:

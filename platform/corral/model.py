@@ -88,7 +88,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None):
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None, exact_rows=False):
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
@@ -96,7 +96,7 @@ class Attention(nn.Module):
         xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
 
         if layer_cache is None:  # training / full forward: plain causal attention
-            keys, values, mask, causal = xk, xv, None, True
+            out = self.attend(xq, xk, xv, None, causal=True)
         else:
             cache_k, cache_v = layer_cache  # (n_slots, max_seq_len, n_kv_heads, head_dim)
             pos = positions[:, None] + torch.arange(seqlen, device=x.device)  # (bsz, seqlen)
@@ -104,19 +104,33 @@ class Attention(nn.Module):
             pos_w = pos.clamp(max=cache_k.shape[1] - 1)
             cache_k[slots[:, None], pos_w] = xk.to(cache_k.dtype)
             cache_v[slots[:, None], pos_w] = xv.to(cache_v.dtype)
-            kv_len = int(pos.max()) + 1  # host-device sync: one scalar per layer call
-            keys = cache_k[slots, :kv_len].to(xq.dtype)  # (bsz, kv_len, n_kv_heads, head_dim)
-            values = cache_v[slots, :kv_len].to(xq.dtype)
-            # query i of row b sees cache positions 0..positions[b] + i
-            mask = torch.arange(kv_len, device=x.device)[None, None, :] <= pos[:, :, None]
-            mask, causal = mask[:, None], False  # (bsz, 1, seqlen, kv_len)
+            if exact_rows:
+                # Each row over exactly its own keys: a length padded to the batch's longest row
+                # changes the reduction order, and so the row's logits in the last bits.
+                ends = (pos[:, -1] + 1).tolist()  # host-device sync: one list per layer call
+                rows = [self.cached_attention(xq[b:b + 1], cache_k, cache_v, slots[b:b + 1], pos[b:b + 1], end)
+                        for b, end in enumerate(ends)]
+                out = torch.cat(rows)  # (bsz, n_heads, seqlen, head_dim)
+            else:
+                kv_len = int(pos.max()) + 1  # host-device sync: one scalar per layer call
+                out = self.cached_attention(xq, cache_k, cache_v, slots, pos, kv_len)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (bsz, seqlen, dim)
 
+    def cached_attention(self, xq, cache_k, cache_v, slots, pos, kv_len):
+        """Queries at positions `pos` (bsz, seqlen) over the first kv_len cached keys of their slots."""
+        keys = cache_k[slots, :kv_len].to(xq.dtype)  # (bsz, kv_len, n_kv_heads, head_dim)
+        values = cache_v[slots, :kv_len].to(xq.dtype)
+        # query i of row b sees cache positions 0..positions[b] + i
+        mask = torch.arange(kv_len, device=xq.device)[None, None, :] <= pos[:, :, None]
+        return self.attend(xq, keys, values, mask[:, None], causal=False)  # mask (bsz, 1, seqlen, kv_len)
+
+    def attend(self, xq, keys, values, mask, causal):
+        """Scaled dot-product attention -> (bsz, n_heads, seqlen, head_dim)."""
         keys, values = repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep)
-        out = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),  # (bsz, heads, seq, head_dim)
             attn_mask=mask, is_causal=causal,
         )
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (bsz, seqlen, dim)
 
 
 class FeedForward(nn.Module):
@@ -140,8 +154,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, layer_cache, slots, positions)
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None, exact_rows=False):
+        h = x + self.attention(self.attention_norm(x), cos, sin, layer_cache, slots, positions, exact_rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -170,12 +184,15 @@ class Transformer(nn.Module):
         return self
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, slots: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                positions: torch.Tensor | None = None, last_only: bool = False,
+                exact_rows: bool = False) -> torch.Tensor:
         """tokens (bsz, seqlen) -> logits (bsz, seqlen, vocab_size), fp32.
 
         Without a cache this is the plain causal forward. With a cache, row b of `tokens` continues
         the sequence in cache slot `slots[b]` from position `positions[b]`; its keys and values are
         written there. `last_only` returns only the last position's logits (bsz, 1, vocab_size).
+        `exact_rows` attends row by row over each row's own length, so that a row's logits do not
+        depend on the other rows (continuous batching's "same tokens as alone"), at some speed.
         """
         bsz, seqlen = tokens.shape
         if cache is None:
@@ -190,7 +207,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            h = layer(h, cos, sin, layer_cache, slots, positions)
+            h = layer(h, cos, sin, layer_cache, slots, positions, exact_rows)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -86,6 +86,26 @@ def test_continuous_batching_equals_each_request_alone(model):
     assert engine.stats()["slots_used"] == 0
 
 
+def test_decode_rows_are_bitwise_independent_of_the_batch(model):
+    """What makes greedy serving under load give the tokens of each request alone."""
+    ps = prompts(12, seed=3)
+    params = SamplingParams(max_tokens=20, temperature=0)
+    alone = [Engine(model, max_batch_size=1).generate([p], params)[0] for p in ps]
+    together = Engine(model, max_batch_size=12).generate(ps, params)
+    assert together == alone
+    # and the logits themselves: one row decoded in a batch of 12 and alone, bit for bit
+    engine = Engine(model, max_batch_size=12)
+    engine.generate(ps, SamplingParams(max_tokens=3, temperature=0))
+    slots, positions = torch.arange(12), torch.tensor([len(p) + 2 for p in ps])
+    tokens = torch.tensor([[5]] * 12)
+    pad = lambda t, v: torch.cat([t, torch.full((16 - len(t),) + t.shape[1:], v)])  # noqa: E731
+    with torch.no_grad():
+        batch = model(pad(tokens, 0), engine.cache, pad(slots, 12), pad(positions, 0), True, exact_rows=True)
+        one = model(pad(tokens[7:8], 0), engine.cache, pad(slots[7:8], 12), pad(positions[7:8], 0), True,
+                    exact_rows=True)
+    assert torch.equal(batch[7], one[0])
+
+
 def test_seed_makes_sampling_reproducible(model):
     engine = Engine(model, max_batch_size=8)
     p = prompts(1)[0]
@@ -147,4 +167,5 @@ def test_prompt_that_does_not_fit_is_rejected(model):
         engine.submit([], SamplingParams(), print)
     with pytest.raises(ValueError, match="token ids"):
         engine.submit([TINY.vocab_size], SamplingParams(), print)
-    assert math.isclose(engine.cache.nbytes(), 2 * 4 * 256 * 2 * 32 * 4)  # (k, v) x layers x seq x kv x hd x fp32
+    # (k, v) x layers x (1 slot + 1 scratch) x seq x kv_heads x head_dim x fp32
+    assert math.isclose(engine.cache.nbytes(), 2 * 4 * 2 * 256 * 2 * 32 * 4)
