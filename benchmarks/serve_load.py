@@ -1,0 +1,229 @@
+"""Load test of the Serve endpoint, in the manner of vLLM's `benchmark_serving`, with its baselines.
+
+In one run, on the same weights:
+1. N streaming completions at a set concurrency against the OpenAI-compatible Serve app:
+   output tokens/s, time to first token (TTFT) and time per output token (TPOT) at p50/p99;
+2. Hugging Face `generate` one request at a time on the same weights (exported with
+   corral.export_hf): the sequential baseline;
+3. the engine's batch-1 decode speed against the memory-bandwidth bound: model bytes / copy
+   bandwidth, measured here on a buffer of the model's size (the same cache level the weights
+   live in); the DRAM bandwidth of a 1 GiB buffer is reported beside it.
+
+    .venv/bin/python benchmarks/serve_load.py                      # small preset, random weights
+    .venv/bin/python benchmarks/serve_load.py --checkpoint DIR --num-prompts 128 --concurrency 32
+
+Results go to benchmarks/results/serve.json. Targets on the 2-core CPU: >= 5x the HF sequential
+throughput at concurrency 32; batch-1 decode >= 50 % of the bandwidth bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `services` when run as a script
+CACHE = REPO / ".corral" / "bench"  # git-ignored
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def prepare_weights(args) -> tuple[Path, Path]:
+    """A corral checkpoint (given, or the preset with random weights) and its Hugging Face export."""
+    import corral
+    from corral.config import ModelConfig
+    from corral.model import Transformer
+    from corral.tokenizer import train_tokenizer
+
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+    else:
+        config = ModelConfig.preset(args.preset)
+        ckpt = CACHE / f"{args.preset}-seed0"
+        if not (ckpt / "corral.json").is_file():
+            corpus = sorted((REPO.parent / "shared/data/gutenberg").glob("*_gut.txt"))[:8]
+            tokenizer = train_tokenizer(corpus, vocab_size=config.vocab_size, out_dir=CACHE / f"tok-{config.vocab_size}")
+            corral.save_model(Transformer(config).init_weights(seed=0), ckpt, tokenizer)
+    hf = ckpt.parent / f"{ckpt.name}-hf"
+    if not (hf / "config.json").is_file():
+        corral.export_hf(ckpt, hf)
+    return ckpt, hf
+
+
+def make_prompts(n: int) -> list[str]:
+    lines = [line.strip() for f in sorted((REPO.parent / "shared/data/gutenberg").glob("*_gut.txt"))[:4]
+             for line in f.read_text(errors="ignore").splitlines() if len(line.strip()) > 40]
+    return [lines[(i * 97) % len(lines)][:120] for i in range(n)]
+
+
+# -- 1. the Serve endpoint under load ----------------------------------------------------------------------
+def deploy(ckpt: Path, port: int, threads: int) -> str:
+    """Serve local.yaml's application with the base model only, on a local Ray; returns the API URL."""
+    import ray
+    import yaml
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    config = yaml.safe_load((REPO / "services/configs/local.yaml").read_text())
+    app = config["applications"][0]
+    app["args"] = {"base": app["args"]["base"] | {"model": str(ckpt), "num_threads": threads}}
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "chat"]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+    return f"http://127.0.0.1:{port}/v1"
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": "corral-base", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", f"{url}/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and ttft is None:
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    latency = time.perf_counter() - start
+    return {"ttft": ttft, "latency": latency, "tokens": tokens,
+            "tpot": (latency - ttft) / (tokens - 1) if tokens > 1 else None}
+
+
+async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency * 2)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def gated(prompt):
+            async with gate:
+                return await one_request(client, url, prompt, max_tokens)
+
+        await gated(prompts[0])  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(*(gated(p) for p in prompts))
+        wall = time.perf_counter() - start
+    ttfts = [r["ttft"] for r in results]
+    tpots = [r["tpot"] for r in results if r["tpot"] is not None]
+    total = sum(r["tokens"] for r in results)
+    return {"requests": len(results), "concurrency": concurrency, "output_tokens": total, "wall_s": wall,
+            "output_tokens_per_s": total / wall, "ttft_p50_s": percentile(ttfts, 50),
+            "ttft_p99_s": percentile(ttfts, 99), "tpot_p50_s": percentile(tpots, 50), "tpot_p99_s": percentile(tpots, 99)}
+
+
+# -- 2. Hugging Face generate, one request at a time ------------------------------------------------------------
+def hf_sequential(hf_dir: Path, prompts: list[str], max_tokens: int) -> dict:
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokens, start = 0, None
+    with torch.inference_mode():
+        for i, prompt in enumerate([prompts[0], *prompts]):  # the first one warms up
+            if i == 1:
+                start = time.perf_counter()
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            tokens += (out.shape[1] - ids.shape[1]) * (i > 0)
+    wall = time.perf_counter() - start
+    return {"requests": len(prompts), "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall}
+
+
+# -- 3. batch-1 decode against the bandwidth bound ---------------------------------------------------------------
+def copy_bandwidth(nbytes: int, repeats: int = 20) -> float:
+    """Bytes moved per second by a tensor copy (read + write, as STREAM's copy counts them)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def batch1_decode(ckpt: Path, tokens: int = 128) -> dict:
+    """Decode tokens/s of the engine at batch 1, as served (batch-invariant) and without that."""
+    import corral
+    from corral.engine import Engine, SamplingParams
+
+    model = corral.load_model(ckpt)
+    prompt = corral.load_tokenizer(ckpt).encode("The king")
+    model_bytes = sum(p.nbytes for p in model.parameters())
+    out = {"model_bytes": model_bytes}
+    for invariant in (True, False):
+        engine = Engine(model, max_batch_size=1, batch_invariant=invariant)
+        timings = {}
+        for n in (1, tokens + 1):  # the difference is `tokens` decode steps; prefill cancels out
+            params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+            engine.generate([prompt], params)
+            start = time.perf_counter()
+            engine.generate([prompt], params)
+            timings[n] = time.perf_counter() - start
+        out["tokens_per_s" + ("" if invariant else "_not_batch_invariant")] = tokens / (timings[tokens + 1] - timings[1])
+    bandwidth = copy_bandwidth(model_bytes)
+    out |= {"copy_bandwidth_model_sized_GBps": bandwidth / 1e9,
+            "copy_bandwidth_1GiB_GBps": copy_bandwidth(1 << 30, repeats=5) / 1e9,
+            "bound_tokens_per_s": bandwidth / model_bytes}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="corral checkpoint directory (default: the preset, random weights)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--hf-prompts", type=int, default=8, help="requests for the sequential HF baseline")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the replica")
+    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--out", default=str(REPO / "benchmarks/results/serve.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ckpt, hf_dir = prepare_weights(args)
+    prompts = make_prompts(args.num_prompts)
+    decode = batch1_decode(ckpt)
+    hf = hf_sequential(hf_dir, prompts[: args.hf_prompts], args.max_tokens)
+    url = deploy(ckpt, args.port, args.threads)
+    try:
+        serve_stats = asyncio.run(load(url, prompts, args.concurrency, args.max_tokens))
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+    ratios = {"serve_vs_hf_sequential": serve_stats["output_tokens_per_s"] / hf["output_tokens_per_s"],
+              "batch1_decode_vs_bandwidth_bound": decode["tokens_per_s"] / decode["bound_tokens_per_s"],
+              "batch1_decode_not_batch_invariant_vs_bound":
+                  decode["tokens_per_s_not_batch_invariant"] / decode["bound_tokens_per_s"]}
+    result = {"checkpoint": str(ckpt), "preset": args.preset, "max_tokens": args.max_tokens, "threads": args.threads,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "serve": serve_stats,
+              "hf_sequential": hf, "batch1_decode": decode, "ratios": ratios,
+              "targets": {"serve_vs_hf_sequential": 5.0, "batch1_decode_vs_bandwidth_bound": 0.5}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    for name, value in ratios.items():
+        target = result["targets"].get(name)
+        verdict = "" if target is None else (" (target %.2f: %s)" % (target, "met" if value >= target else "MISSED"))
+        print(f"{name}: {value:.2f}{verdict}")
+
+
+if __name__ == "__main__":
+    main()
