@@ -203,6 +203,13 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+@api.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not the client's fault: still OpenAI's body, and nothing about the internals."""
+    return await _api_error(request, APIError(500, f"internal error ({type(exc).__name__}); the server logs "
+                                                   f"have the details", type="server_error", code="internal_error"))
+
+
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status_code)
