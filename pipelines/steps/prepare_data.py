@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from corral.checkpoint import load_tokenizer
 from corral.config import PrepareDataConfig
 from corral.data.pretraining import MANIFEST, prepare_pretraining_data
 
@@ -21,7 +20,7 @@ def run(config: PrepareDataConfig | dict, inputs: dict) -> dict:
     if tokenizer_path is None or out is None:
         raise ValueError("prepare_data needs a tokenizer and an output directory: set `tokenizer` and "
                          "`output_dir` in its config, or wire them from upstream steps")
-    manifest = prepare_pretraining_data(cfg, out, load_tokenizer(tokenizer_path))
+    manifest = prepare_pretraining_data(cfg, out, tokenizer_path)
     splits = manifest["splits"]
     print(f"prepared {splits['train']['tokens']:,} train / {splits['validation']['tokens']:,} validation tokens "
           f"-> {out}; skipped: {manifest['documents']}")

@@ -1,6 +1,7 @@
 """Step: pretrain a Llama 2 model from scratch on prepared blocks (Ray Train + DeepSpeed, MLflow).
 
-inputs: `data` (the prepare_data output; `config.data_dir` wins).
+inputs: `data` (the prepare_data output; `config.data_dir` wins); from a pipeline also `run_id`
+(its nested MLflow run, which this step logs into and leaves for the pipeline to end).
 outputs: `model` (corral checkpoint directory), `checkpoints` (Ray Train storage), `mlflow_run_id`.
 Running it again with the same `output_dir` continues the run from its latest checkpoint and
 logs into the same MLflow run.
@@ -29,7 +30,8 @@ def run(config: PretrainConfig | dict, inputs: dict) -> dict:
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", job.tracking_uri)  # no server: the run's own SQLite
-    job.mlflow_run_id = run_id = mlflow_run(cfg, out)
+    own_run = "run_id" not in inputs  # a pipeline hands over its nested run and ends it itself
+    job.mlflow_run_id = run_id = mlflow_run(cfg, out) if own_run else inputs["run_id"]
 
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     tracking.log_params(run_id, cfg.model_dump(mode="json") | {"data_dir": str(data_dir)})
@@ -38,10 +40,12 @@ def run(config: PretrainConfig | dict, inputs: dict) -> dict:
     try:
         result = fit(job, datasets)
     except BaseException:
-        tracking.end_run(run_id, "FAILED")
+        if own_run:
+            tracking.end_run(run_id, "FAILED")
         raise
     tracking.log_artifacts(run_id, job.export_dir, "model")
-    tracking.end_run(run_id)
+    if own_run:
+        tracking.end_run(run_id)
     return {"model": job.export_dir, "checkpoints": str(Path(result.path)), "mlflow_run_id": run_id}
 
 

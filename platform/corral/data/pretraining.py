@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corral.checkpoint import atomic_dir
+from corral.checkpoint import atomic_dir, load_tokenizer
 from corral.config import PrepareDataConfig
 from corral.tokenizer import Tokenizer
 
@@ -165,11 +165,15 @@ def _counter_actor():
 
 # -- the whole preparation -----------------------------------------------------------------------
 def prepare_pretraining_data(config: PrepareDataConfig, out_dir: str | os.PathLike,
-                             tokenizer: Tokenizer, seed: int = 0) -> dict:
-    """Run the Ray Data pipeline and write shards + manifest to `out_dir` atomically; the manifest."""
+                             tokenizer_path: str | os.PathLike, seed: int = 0) -> dict:
+    """Run the Ray Data pipeline and write shards + manifest to `out_dir` atomically; the manifest.
+
+    `tokenizer_path`: tokenizer.model or the directory holding it.
+    """
     import ray
 
-    files = list_corpus(config.inputs)
+    files = list_corpus(config.inputs)  # first: a bad corpus fails before anything else
+    tokenizer = load_tokenizer(tokenizer_path)
     block_len = config.seq_len + 1
     parts = []
     if files["text"]:

@@ -137,10 +137,11 @@ def train_worker(config: dict) -> None:
         train.load_state_dict(state["data"])
         progress.load_state_dict(state["progress"])
     resumed_from, t_start = progress.step, time.perf_counter()
-    if progress.step == 0:  # where validation starts, for the curve
-        val_loss = evaluate(strategy, model, job.loss_fn, val_batches)
-        if strategy.is_rank0() and job.mlflow_run_id:
-            tracking.log_metrics(job.mlflow_run_id, {"val_loss": val_loss}, step=0)
+    # Step 0: where validation starts. On a restart: a marker of where this attempt picked up.
+    start = {"val_loss": evaluate(strategy, model, job.loss_fn, val_batches)} if checkpoint is None \
+        else {"resumed_from": resumed_from}
+    if strategy.is_rank0() and job.mlflow_run_id:
+        tracking.log_metrics(job.mlflow_run_id, start, step=resumed_from)
 
     batches = iter(train)
     while progress.step < loop.max_steps:
