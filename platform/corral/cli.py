@@ -41,7 +41,7 @@ def cmd_info(args) -> None:
 def cmd_up(args) -> None:
     from corral import stack
 
-    st = stack.up(args.ray_port, args.dashboard_port, args.mlflow_port, args.num_cpus)
+    st = stack.up(args.ray_port, args.dashboard_port, args.mlflow_port, args.agent_port, args.num_cpus)
     print(f"Ray dashboard: {st.dashboard_url}\nMLflow UI:     {st.mlflow_uri}\nexport these to use it:")
     print("  export " + " ".join(f"{k}={v}" for k, v in st.env().items()))
     print("stop it with: corral down")
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--ray-port", type=int, default=6379)
     u.add_argument("--dashboard-port", type=int, default=8265)
     u.add_argument("--mlflow-port", type=int, default=5000)
+    u.add_argument("--agent-port", type=int, default=52365, help="Ray dashboard agent (job submission)")
     u.add_argument("--num-cpus", type=int, default=None, help="logical CPUs Ray schedules (default: all cores)")
     u.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop what `corral up` started").set_defaults(func=cmd_down)

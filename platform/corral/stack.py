@@ -8,6 +8,7 @@ MLFLOW_TRACKING_URI), so the same commands run against a real cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,7 +32,9 @@ class Stack:
     ray_port: int = 6379
     dashboard_port: int = 8265
     mlflow_port: int = 5000
+    agent_port: int = 52365  # the dashboard agent serves job submission; two clusters on one host need two
     ray_started: bool = False  # False when a Ray head was already running: `down` leaves it alone
+    ray_session: str | None = None  # /tmp/ray/session_...: names every process of the head we started
     mlflow_pid: int | None = None
 
     @property
@@ -102,12 +105,12 @@ def _pid_alive(pid: int | None) -> bool:
         return False
 
 
-def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000, num_cpus: int | None = None,
-       log=print) -> Stack:
+def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000, agent_port: int = 52365,
+       num_cpus: int | None = None, log=print) -> Stack:
     """Start Ray and MLflow unless they already answer; return the stack and record it."""
     home = corral_home()
     (home / "logs").mkdir(parents=True, exist_ok=True)
-    stack = load_state() or Stack(ray_port, dashboard_port, mlflow_port)
+    stack = load_state() or Stack(ray_port, dashboard_port, mlflow_port, agent_port)
 
     if _answers(stack.mlflow_uri + "/health"):
         log(f"MLflow already running at {stack.mlflow_uri}")
@@ -128,7 +131,8 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
         log(f"Ray already running (dashboard {stack.dashboard_url})")
     else:
         cmd = [_ray_bin(), "start", "--head", "--port", str(stack.ray_port), "--dashboard-host", "127.0.0.1",
-               "--dashboard-port", str(stack.dashboard_port), "--disable-usage-stats"]
+               "--dashboard-port", str(stack.dashboard_port), "--dashboard-agent-listen-port", str(stack.agent_port),
+               "--disable-usage-stats"]
         if num_cpus:
             cmd += ["--num-cpus", str(num_cpus)]
         log("starting Ray head: " + " ".join(cmd[1:]))
@@ -139,11 +143,41 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
         with open(ray_log, "a") as out:
             if subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode:
                 raise RuntimeError(f"`ray start` failed; see {ray_log}")
-        stack.ray_started = True
+        stack.ray_started, stack.ray_session = True, _ray_session(stack.ray_port)
         _save_state(stack)
         _wait_for(stack.dashboard_url + "/api/version", "Ray dashboard", 120, log=ray_log)
     _save_state(stack)
     return stack
+
+
+def _ray_session(gcs_port: int) -> str | None:
+    """The session directory of the Ray head whose GCS listens on gcs_port."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if any(a == f"--gcs_server_port={gcs_port}" for a in cmd):
+            for a in cmd:
+                if a.startswith("--log_dir="):
+                    return str(Path(a.split("=", 1)[1]).parent)
+    return None
+
+
+def _stop_session(session: str) -> int:
+    """SIGTERM, then SIGKILL, every process of one Ray session. `ray stop` would stop every Ray
+    instance on the machine, including ones corral did not start."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
+             and any(session in a for a in (p.info["cmdline"] or []))]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return len(procs)
 
 
 def down(log=print) -> None:
@@ -152,9 +186,8 @@ def down(log=print) -> None:
     if stack is None:
         log("nothing to stop: corral up has not run here")
         return
-    if stack.ray_started:
-        subprocess.run([_ray_bin(), "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        log("stopped Ray")
+    if stack.ray_started and stack.ray_session:
+        log(f"stopped Ray ({_stop_session(stack.ray_session)} processes of {stack.ray_session})")
     if _pid_alive(stack.mlflow_pid):
         os.killpg(stack.mlflow_pid, signal.SIGTERM)  # the server and its uvicorn workers
         for _ in range(40):
