@@ -59,7 +59,8 @@ class PipelineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     tracking: TrackingSpec = TrackingSpec()
-    defaults: dict = Field(default={}, description="fields given to every step config that has them, e.g. model")
+    defaults: dict = Field(default={}, description="fields given to every step config that has them with a "
+                                                    "non-None default, e.g. pretrain's model preset")
     storage: str | None = Field(default=None, description="where step outputs live; None = $CORRAL_HOME/pipelines")
     steps: dict[str, StepSpec] = Field(min_length=1)
 
@@ -77,10 +78,13 @@ class PipelineSpec(BaseModel):
         cls = step_config_class(step.uses)
         raw = dict(step.config)
         for key, value in self.defaults.items():
-            if key in cls.model_fields and key not in raw:
+            # a field whose default is None is wired from upstream (e.g. evaluate's `model`)
+            if key in cls.model_fields and key not in raw and cls.model_fields[key].default is not None:
                 raw[key] = value
-        if "resources" in cls.model_fields:
+        if "resources" in cls.model_fields and cls.model_fields["resources"].annotation is ResourcesConfig:
             raw["resources"] = resources.model_dump()
+        elif step.resources:  # e.g. PPO: one bundle per role, set in its config
+            raise ValueError(f"step type {step.uses!r} takes its resources in config.resources, not here")
         if "tracking" in cls.model_fields:
             raw.setdefault("tracking", {})["experiment"] = self.tracking.experiment
         return cls.model_validate(raw)
@@ -148,6 +152,8 @@ def validate_spec(raw: Mapping, source: str = "spec",
                 spec.step_config(sid, resources)
             except ValidationError as e:
                 problems += [(_loc(("steps", sid, "config", *err["loc"])), err["msg"]) for err in e.errors()]
+            except ValueError as e:
+                problems.append((f"steps.{sid}.resources", str(e)))
         if cluster_nodes is not None and not any(_fits(resources, node) for node in cluster_nodes):
             problems.append((f"steps.{sid}.resources", f"no node of the cluster can ever hold one worker "
                                                        f"({_describe(resources)})"))

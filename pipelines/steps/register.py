@@ -42,18 +42,19 @@ class ModelEntry(BaseModel):
 class RegisterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: list[ModelEntry] = Field(min_length=1)
-    metrics_from: str | None = Field(default=None, description="the evaluate step whose `metrics` JSON tags versions")
+    metrics_from: str | None = Field(default=None, description="the evaluate step whose metrics tag the versions")
     gates: dict[str, Gate] = Field(default={}, description="metric -> bounds; all must pass to move `champion`")
 
 
 def read_metrics(inputs: dict, step_id: str | None) -> dict[str, float]:
+    """The numeric metrics of the evaluate step's `eval_table` ({"model": ..., "metrics": {...}})."""
     if step_id is None:
         return {}
     outputs = inputs["upstream"].get(step_id)
-    if outputs is None or "metrics" not in outputs:
-        raise ValueError(f"register.metrics_from: step {step_id!r} is not upstream or has no `metrics` output")
-    return {k: float(v) for k, v in json.loads(Path(outputs["metrics"]).read_text()).items()
-            if isinstance(v, (int, float))}
+    if outputs is None or "eval_table" not in outputs:
+        raise ValueError(f"register.metrics_from: step {step_id!r} is not upstream or has no `eval_table` output")
+    metrics = json.loads(Path(outputs["eval_table"]).read_text())["metrics"]
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def run(config: RegisterConfig | dict, inputs: dict) -> dict:

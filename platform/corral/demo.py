@@ -115,7 +115,7 @@ def print_eval_table() -> None:
     if not runs:
         return
     outputs = json.loads(runs[0].data.tags.get("corral.outputs", "{}"))
-    table = outputs.get("table_md")
+    table = outputs.get("eval_markdown")
     if table and Path(table).is_file():
         print("\n" + Path(table).read_text())
 
