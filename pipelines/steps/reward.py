@@ -54,7 +54,7 @@ def run(config: RewardConfig | dict, inputs: dict) -> dict:
     run_tracked(job, datasets, cfg, inputs, out, params={"base_model": str(base), "train_pairs": len(train)})
 
     metrics = evaluate_pairs(load_reward_model(job.export_dir), held)
-    tracking.log_metrics(job.mlflow_run_id, {f"heldout_{k}": v for k, v in metrics.items()}, step=loop.max_steps)
+    tracking.log_metrics(job.mlflow_run_id, {f"heldout_{k}": v for k, v in metrics.items()}, loop.max_steps)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     tracking.log_artifacts(job.mlflow_run_id, out / "metrics.json")
     print(f"reward ({cfg.kind}) held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
@@ -134,4 +134,5 @@ def export_reward_model(state: dict, out_dir: Path, config, tokenizer_path: str,
 def evaluate_pairs(model: RewardModel, records: list[dict]) -> dict[str, float]:
     """Pairwise accuracy overall and per rating bucket, and the mean reward gap, on held-out pairs."""
     chosen, rejected = zip(*(pair_dialogs(r) for r in records))
-    return pairwise_metrics(model.score_batch(chosen), model.score_batch(rejected), [r["rating"] for r in records])
+    ratings = [r["rating"] for r in records]
+    return pairwise_metrics(model.score_batch(chosen), model.score_batch(rejected), ratings)

@@ -125,7 +125,8 @@ def run_tracked(job: TrainJob, datasets: dict, cfg, inputs: dict, out: Path, par
     own_run = "run_id" not in inputs
     job.mlflow_run_id = run_id = own_mlflow_run(cfg, out, job.name) if own_run else inputs["run_id"]
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tracking.log_params(run_id, cfg.model_dump(mode="json") | {"max_steps_resolved": job.loop.max_steps, **params})
+    params = {"max_steps_resolved": job.loop.max_steps, **params}
+    tracking.log_params(run_id, cfg.model_dump(mode="json") | params)
     tracking.log_artifacts(run_id, out / "config.yaml")
     try:
         result = fit(job, datasets)

@@ -90,7 +90,8 @@ def mc_prompt(item: dict) -> str:
 
 
 @torch.no_grad()
-def option_logprobs(model: Transformer, tokenizer: Tokenizer, prefix: str, options: Sequence[str]) -> list[tuple[float, int]]:
+def option_logprobs(model: Transformer, tokenizer: Tokenizer, prefix: str,
+                    options: Sequence[str]) -> list[tuple[float, int]]:
     """(sum of log-probabilities, token count) of each option continuing `prefix`."""
     model.eval()
     prefix_ids = tokenizer.encode(prefix, bos=True)
@@ -108,7 +109,7 @@ def option_logprobs(model: Transformer, tokenizer: Tokenizer, prefix: str, optio
     return out
 
 
-def multiple_choice(model: Transformer, tokenizer: Tokenizer, items: Sequence[dict], k_shot: int = 0) -> dict[str, float]:
+def multiple_choice(model: Transformer, tokenizer: Tokenizer, items: Sequence[dict], k_shot: int = 0) -> dict:
     """Accuracy of picking the most likely option (`acc`) and the most likely per token (`acc_norm`).
 
     Items: {"question" | "context": str, "choices": [str], "answer": int}. The first `k_shot` items
@@ -120,7 +121,8 @@ def multiple_choice(model: Transformer, tokenizer: Tokenizer, items: Sequence[di
     header = "".join(f"Question: {mc_prompt(s)}\nAnswer: {s['choices'][s['answer']]}\n\n" for s in shots)
     acc = acc_norm = 0
     for item in scored:
-        scores = option_logprobs(model, tokenizer, f"{header}Question: {mc_prompt(item)}\nAnswer:", item["choices"])
+        prompt = f"{header}Question: {mc_prompt(item)}\nAnswer:"
+        scores = option_logprobs(model, tokenizer, prompt, item["choices"])
         acc += max(range(len(scores)), key=lambda i: scores[i][0]) == item["answer"]
         acc_norm += max(range(len(scores)), key=lambda i: scores[i][0] / scores[i][1]) == item["answer"]
     return {"acc": acc / len(scored), "acc_norm": acc_norm / len(scored)}

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from corral.checkpoint import CORRAL_CONFIG, WEIGHTS_FILE, CheckpointError, load_model, load_tokenizer, save_model
+from corral.checkpoint import (CORRAL_CONFIG, WEIGHTS_FILE, CheckpointError, load_model, load_tokenizer,
+                               save_model)
 from corral.config import ModelConfig
 from corral.model import Transformer
 from corral.tokenizer import Tokenizer
@@ -49,7 +50,7 @@ def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Ten
     return -F.logsigmoid(chosen.float() - rejected.float() - margin.float()).mean()
 
 
-def pairwise_metrics(chosen: Sequence[float], rejected: Sequence[float], ratings: Sequence[str]) -> dict[str, float]:
+def pairwise_metrics(chosen: Sequence[float], rejected: Sequence[float], ratings: Sequence[str]) -> dict:
     """Pairwise accuracy (chosen scored above rejected) overall and per rating, and the mean gap."""
     c, r = torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
     right = (c > r).double()
@@ -119,7 +120,8 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Ten
 
 
 def save_reward_model(model: RewardModel, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
-    return save_model(model, out_dir, tokenizer=model.tokenizer, metadata={"head": "reward", **(metadata or {})})
+    metadata = {"head": "reward", **(metadata or {})}
+    return save_model(model, out_dir, tokenizer=model.tokenizer, metadata=metadata)
 
 
 def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> RewardModel:
@@ -138,7 +140,7 @@ def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     state = load_file(p / WEIGHTS_FILE)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{p / WEIGHTS_FILE}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+        raise CheckpointError(f"{p / WEIGHTS_FILE}: tensors missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tokenizer = load_tokenizer(p)
     return model.to(dtype).eval()
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from corral import load_model, load_reward_model, tracking
+from corral import export_hf, load_model, load_reward_model, tracking
 from corral.checkpoint import save_model
 from corral.config import ModelConfig
 from corral.model import Transformer
@@ -23,9 +23,10 @@ ZERO3 = {"zero_stage": 3, "bf16": True}
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("base") / "model"
-    save_model(Transformer(TINY).init_weights(seed=0), path, tokenizer)
-    return path
+    """The base in corral's format, and the same weights as a Hugging Face directory (SFT starts there)."""
+    root = tmp_path_factory.mktemp("base")
+    save_model(Transformer(TINY).init_weights(seed=0), root / "model", tokenizer)
+    return {"corral": root / "model", "hf": export_hf(root / "model", root / "hf")}
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +35,18 @@ def chain(ray_cluster, mlflow_server, base, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("alignment")
     evaluation = {"tasks": {"eval_size": 12}, "max_tokens": 12}
-    before = evaluate.run(evaluation | {"output_dir": str(root / "eval-base")}, {"model": str(base)})
+    before = evaluate.run(evaluation | {"output_dir": str(root / "eval-base")}, {"model": str(base["corral"])})
     tuned = sft.run({
-        "tasks": {"train_size": 6000, "eval_size": 64}, "epochs": 1.0, "seq_len": 128, "output_dir": str(root / "sft"),
+        "tasks": {"train_size": 4000, "eval_size": 64}, "epochs": 2.0, "seq_len": 128, "output_dir": str(root / "sft"),
         "loop": {"micro_batch_size": 8, "eval_every": 100, "eval_batches": 2, "checkpoint_every": 1000},
-        "optim": {"lr": 3e-3, "warmup_steps": 10}, "deepspeed": ZERO3, "resources": TWO_WORKERS,
+        "optim": {"lr": 2e-3, "warmup_steps": 20}, "deepspeed": ZERO3, "resources": TWO_WORKERS,
         "tracking": {"experiment": "test-alignment"},
-    }, {"model": str(base)})
+    }, {"model": str(base["hf"])})
     rms = {}
     for kind in ("helpfulness", "safety"):
         rms |= reward.run({
             "kind": kind, "tasks": {"train_size": 480, "eval_size": 96}, "epochs": 1.0, "margin": "large",
-            "output_dir": str(root / kind), "optim": {"lr": 1e-3, "warmup_steps": 5},
+            "output_dir": str(root / kind), "optim": {"lr": 5e-4, "warmup_steps": 5},
             "loop": {"micro_batch_size": 8, "eval_every": 100, "eval_batches": 2, "checkpoint_every": 1000},
             "deepspeed": ZERO3, "resources": TWO_WORKERS, "tracking": {"experiment": "test-alignment"},
         }, {"model": tuned["model"]})
@@ -62,7 +63,9 @@ def test_sft_beats_the_base_model(chain):
     assert before["exact_match"] < 0.05
     assert after["exact_match"] >= before["exact_match"] + 0.15, after
     assert after["perplexity"] < before["perplexity"] / 10
-    assert load_model(chain["sft"]["model"]).config == TINY
+    tuned = load_model(chain["sft"]["model"]).config  # started from the Hugging Face copy of the base
+    assert (tuned.dim, tuned.n_layers, tuned.kv_heads, tuned.ffn_dim) == (TINY.dim, TINY.n_layers, TINY.kv_heads,
+                                                                          TINY.ffn_dim)
 
 
 def test_sft_is_logged_like_pretraining(chain):

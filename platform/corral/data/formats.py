@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from corral.tokenizer import chat_turns
 
@@ -125,7 +126,10 @@ def _rows(path: str) -> Iterator[tuple[int, object]]:
     """(line number, parsed row) of a JSONL or Parquet file, local or on any pyarrow filesystem."""
     import pyarrow.fs as pafs
 
-    fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
+    if "://" in path:
+        fs, inner = pafs.FileSystem.from_uri(path)
+    else:
+        fs, inner = pafs.LocalFileSystem(), os.path.abspath(path)
     if fs.get_file_info(inner).type != pafs.FileType.File:
         raise FileNotFoundError(f"{path}: no such data file")
     if path.endswith(".parquet"):

@@ -26,7 +26,8 @@ def dialog_turns(messages: Sequence[dict]) -> list[tuple[str, str]]:
     return turns[:-1] + [(turns[-1][0], messages[-1]["content"].strip())]
 
 
-def encode_dialog(tokenizer: Tokenizer, messages: Sequence[dict], loss_turns: str = "all") -> tuple[list[int], list[bool]]:
+def encode_dialog(tokenizer: Tokenizer, messages: Sequence[dict],
+                  loss_turns: str = "all") -> tuple[list[int], list[bool]]:
     """Token ids of a finished dialog and, per token, whether the loss predicts it.
 
     loss_turns: "all" trains on every answer, "last" only on the final one (Ghost Attention).
@@ -76,7 +77,7 @@ def encode_record(tokenizer: Tokenizer, record: dict, use_gatt: bool = True) -> 
     return encode_dialog(tokenizer, record["messages"])
 
 
-def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> dict:
     """Pack whole dialogs, in order, into rows of `seq_len` inputs with next-token labels.
 
     A dialog is never split across rows: every answer sees its whole prompt. Labels are the next
@@ -118,4 +119,5 @@ def sft_loss(model, batch: dict) -> tuple:
     from corral.train.losses import causal_lm_loss
 
     labels = batch["labels"].long()  # (bsz, seq_len), IGNORE outside answers
-    return causal_lm_loss(model(batch["input_ids"].long()), labels, ignore_index=IGNORE), int((labels != IGNORE).sum())
+    loss = causal_lm_loss(model(batch["input_ids"].long()), labels, ignore_index=IGNORE)
+    return loss, int((labels != IGNORE).sum())
