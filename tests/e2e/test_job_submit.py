@@ -1,0 +1,122 @@
+"""The tiny pipeline as a user runs it: `corral up`, `ray job submit`, `ray job stop`, re-submit,
+and the registered models loaded back; then `corral down` leaves nothing running.
+
+Runs before the rest of the suite's Ray cluster exists (tests/e2e sorts first) and uses its own
+ports, so it never shares a Ray head with other tests."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+import yaml
+
+import corral
+from tests.conftest import corpus_dir, free_port
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def cli(*args, env, timeout=900, check=True):
+    r = subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True, env=env,
+                       cwd=REPO, timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"{args}: {r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("corral-home")
+    env = {**os.environ, "CORRAL_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    ports = [free_port() for _ in range(4)]
+    cli("corral", "up", "--ray-port", ports[0], "--dashboard-port", ports[1], "--mlflow-port", ports[2],
+        "--agent-port", ports[3], "--num-cpus", 6, env=env)
+    cli("corral", "up", "--ray-port", ports[0], "--dashboard-port", ports[1], "--mlflow-port", ports[2],
+        "--agent-port", ports[3], env=env)  # twice is harmless
+    state = json.loads((home / "stack.json").read_text())
+    env |= {"RAY_ADDRESS": f"127.0.0.1:{ports[0]}", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{ports[1]}",
+            "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports[2]}"}
+    yield env
+    cli("corral", "down", env=env)
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if any(state["ray_session"] in a for a in p.info["cmdline"] or [])]
+    assert not leftovers, f"corral down left {len(leftovers)} Ray processes"
+    assert not psutil.pid_exists(state["mlflow_pid"]) or psutil.Process(state["mlflow_pid"]).status() == "zombie"
+
+
+def short_spec(tmp: Path) -> Path:
+    """The tiny spec cut to tokenizer -> data -> pretrain -> sft -> register, with few steps."""
+    spec = yaml.safe_load((REPO / "pipelines/specs/llama2-tiny.yaml").read_text().replace("${CORRAL_HOME}/data/gutenberg", str(corpus_dir())))
+    steps = spec["steps"]
+    steps["pretrain"]["config"]["loop"] = {"micro_batch_size": 8, "max_steps": 40, "eval_every": 20,
+                                           "checkpoint_every": 10, "eval_batches": 2}
+    steps["sft"]["config"] |= {"tasks": {"train_size": 400, "eval_size": 40}, "epochs": 1}
+    steps["sft"]["config"]["loop"] |= {"eval_every": 20, "checkpoint_every": 20}
+    steps["register"]["config"] = {"models": [{"name": "e2e-base", "from_step": "pretrain"},
+                                              {"name": "e2e-chat", "from_step": "sft"}]}
+    steps["register"]["needs"] = ["pretrain", "sft"]
+    spec["steps"] = {k: steps[k] for k in ("tokenizer", "data", "pretrain", "sft", "register")}
+    spec["name"], spec["tracking"] = "e2e-tiny", {"experiment": "e2e-tiny"}
+    path = tmp / "e2e-tiny.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def submit(env, spec: Path, wait=True):
+    args = ["ray", "job", "submit", "--working-dir", ".", "--runtime-env-json",
+            json.dumps({"env_vars": {"CORRAL_HOME": env["CORRAL_HOME"], "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}})]
+    if not wait:
+        args.append("--no-wait")
+    for attempt in range(10):  # right after `ray start` the job agent may not have registered yet
+        r = cli(*args, "--", "corral", "pipeline", "run", str(spec), env=env, check=False, timeout=1800)
+        if "No available agent" not in r.stdout + r.stderr:
+            return r
+        time.sleep(5)
+    return r
+
+
+def pretrain_steps(client) -> list[int]:
+    exp = client.get_experiment_by_name("e2e-tiny")
+    runs = client.search_runs([exp.experiment_id], "tags.`corral.step` = 'pretrain'") if exp else []
+    return sorted({m.step for r in runs[:1] for m in client.get_metric_history(r.info.run_id, "loss")})
+
+
+def test_submit_stop_resubmit_and_load_the_registered_models(stack, tmp_path):
+    spec = short_spec(tmp_path)
+    client = mlflow.MlflowClient(stack["MLFLOW_TRACKING_URI"])
+
+    r = submit(stack, spec, wait=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id = next(w for w in (r.stdout + r.stderr).split() if w.startswith("raysubmit_")).strip("'")
+    deadline = time.time() + 900
+    while len(pretrain_steps(client)) < 12:  # past the step-10 checkpoint
+        assert time.time() < deadline, cli("ray", "job", "logs", job_id, env=stack, check=False).stdout[-5000:]
+        time.sleep(5)
+    cli("ray", "job", "stop", job_id, env=stack)
+    assert "STOPPED" in cli("ray", "job", "status", job_id, env=stack).stdout
+    time.sleep(10)
+    actors = cli("ray", "list", "actors", "--filter", "state=ALIVE", "--format", "json",
+                 "--address", stack["RAY_API_SERVER_ADDRESS"], env=stack).stdout
+    assert "RayTrainWorker" not in actors and "TrainController" not in actors, actors
+
+    r = submit(stack, spec)
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if "http://" in line and len(line.split()) >= 4}
+    assert rows["tokenizer"] == rows["data"] == "reused"
+    assert rows["pretrain"] == rows["sft"] == rows["register"] == "succeeded"
+    assert pretrain_steps(client) == list(range(1, 41))  # resumed: every step once in one MLflow run
+
+    for name in ("e2e-base", "e2e-chat"):
+        version = client.get_model_version_by_alias(name, "candidate")
+        local = mlflow.artifacts.download_artifacts(f"models:/{name}@candidate", dst_path=str(tmp_path / name),
+                                                    tracking_uri=stack["MLFLOW_TRACKING_URI"])
+        model = corral.load_model(local)
+        assert model.config.num_params() == corral.ModelConfig.preset("tiny").num_params(), version
+        assert (Path(local) / "hf" / "config.json").is_file()  # the Hugging Face export travels with it
