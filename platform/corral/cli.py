@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--dashboard-port", type=int, default=8265)
     u.add_argument("--mlflow-port", type=int, default=5000)
     u.add_argument("--agent-port", type=int, default=52365, help="Ray dashboard agent (job submission)")
-    u.add_argument("--num-cpus", type=int, default=None, help="logical CPUs Ray schedules (default: all cores)")
+    u.add_argument("--num-cpus", type=int, default=None, help="logical CPUs Ray schedules (default: max(8, cores))")
     u.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop what `corral up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="is the local stack up?").set_defaults(func=cmd_status)

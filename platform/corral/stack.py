@@ -133,8 +133,10 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
         cmd = [_ray_bin(), "start", "--head", "--port", str(stack.ray_port), "--dashboard-host", "127.0.0.1",
                "--dashboard-port", str(stack.dashboard_port), "--dashboard-agent-listen-port", str(stack.agent_port),
                "--disable-usage-stats"]
-        if num_cpus:
-            cmd += ["--num-cpus", str(num_cpus)]
+        # Logical CPUs, not cores: training workers hold theirs for the whole run while Ray Data
+        # read tasks and step tasks need more; on a laptop they mostly wait on each other, and
+        # too few logical CPUs deadlocks a training step behind its own data loading.
+        cmd += ["--num-cpus", str(num_cpus or max(8, os.cpu_count() or 1))]
         log("starting Ray head: " + " ".join(cmd[1:]))
         env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_uri, "RAY_AUTH_MODE": "token",
                # job entrypoints (`corral pipeline run ...`) find this environment's commands
