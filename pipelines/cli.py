@@ -25,6 +25,10 @@ def cmd_run(args) -> None:
     from pipelines.spec import load_spec
 
     spec = _load(args)
+    if args.dry_run and not os.environ.get("RAY_ADDRESS"):  # a plan needs MLflow, not a cluster
+        print(dag.plan_table(dag.plan(spec, tuple(args.force)), spec))
+        print("(no RAY_ADDRESS: resources not checked against a cluster)")
+        return
     ray.init(log_to_driver=True)
     if args.resource_check:  # an autoscaling cluster may add nodes later: --no-resource-check
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]

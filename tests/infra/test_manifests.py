@@ -157,6 +157,7 @@ def test_every_accelerator_type_used_exists_as_a_worker_group(raycluster):
     for spec in (REPO / "pipelines/specs").glob("*.yaml"):
         for step in load(spec.relative_to(REPO))["steps"].values():
             used.add(step.get("resources", {}).get("accelerator_type"))
+            used.add((step.get("config") or {}).get("resources", {}).get("accelerator_type"))  # RL roles
     for cfg in (REPO / "services/configs").glob("*.yaml"):
         for app in load(cfg.relative_to(REPO))["applications"]:
             for dep in app.get("deployments", []):

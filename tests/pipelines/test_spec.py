@@ -91,3 +91,19 @@ def test_missing_file_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(SpecError, match="yaml"):
         load_spec(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_every_shipped_spec_dry_runs(path, mlflow_server):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "corral.cli", "pipeline", "run", str(path), "--dry-run"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plan_rows = [line.split() for line in r.stdout.splitlines()[1:] if line and not line.startswith("(")]
+    spec = load_spec(path)
+    assert [row[0] for row in plan_rows] == spec.order()
+    assert all(row[-1] == "run" for row in plan_rows)  # nothing of these specs ran on this server
