@@ -32,9 +32,9 @@ def mixed_corpus(tmp_path_factory, corpus):
     ]) + "\n")
     pq.write_table(pa.table({"text": ["Now is the winter of our discontent " * 30, "All the world's a stage " * 30]}),
                    d / "more.parquet")
-    docs = [f.read_text() for f in plays] + ["To be, or not to be, that is the question. " * 20,
-                                             "Now is the winter of our discontent " * 30,
-                                             "All the world's a stage " * 30]
+    docs = [f.read_bytes().decode("utf-8") for f in plays]  # as the pipeline reads them: no newline translation
+    docs += ["To be, or not to be, that is the question. " * 20, "Now is the winter of our discontent " * 30,
+             "All the world's a stage " * 30]
     return d, docs
 
 
@@ -80,9 +80,9 @@ def test_numpy_output_reads_back_the_same(ray_cluster, tokenizer, corpus, tmp_pa
     out = prepare_data.run({"inputs": [str(play)], "seq_len": SEQ_LEN, "val_fraction": 0.0, "output_format": "numpy",
                             "tokenizer": str(tokenizer.path), "output_dir": str(tmp_path / "np")}, {})
     manifest = read_manifest(out["data"])
-    expected = len(tokenizer.encode(play.read_text(), bos=True, eos=True)) // (SEQ_LEN + 1)
+    expected = len(tokenizer.encode(play.read_bytes().decode("utf-8"), bos=True, eos=True)) // (SEQ_LEN + 1)
     assert manifest["splits"]["train"]["blocks"] == expected
-    batch = next(load_packed(out["data"], "train").iter_batches(batch_size=8))
+    batch = next(iter(load_packed(out["data"], "train").iter_batches(batch_size=8)))
     assert batch["tokens"].shape == (8, SEQ_LEN + 1)
 
 

@@ -60,11 +60,13 @@ def test_pretrain_loss_shifts_targets_by_one():
 @pytest.mark.slow
 def test_strategy_checkpoint_resumes_exactly(tmp_path, monkeypatch):
     """ZeRO-3 + bf16 in one process: save after 3 steps, load into a fresh engine, same next losses."""
-    from conftest import free_port
+    import socket
 
     from corral.train.strategy import DeepSpeedStrategy
 
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with socket.socket() as sock:  # a free port for this process's gloo group
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
     config = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=32)
     gen = torch.Generator().manual_seed(0)
     batches = [{"tokens": torch.randint(0, 256, (4, 17), generator=gen)} for _ in range(5)]
