@@ -29,7 +29,7 @@ def cmd_run(args) -> None:
         print(dag.plan_table(dag.plan(spec, tuple(args.force)), spec))
         print("(no RAY_ADDRESS: resources not checked against a cluster)")
         return
-    ray.init(log_to_driver=True)
+    connect(ray)
     if args.resource_check:  # an autoscaling cluster may add nodes later: --no-resource-check
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         spec = load_spec(args.spec, args.set, cluster_nodes=nodes)
@@ -39,6 +39,15 @@ def cmd_run(args) -> None:
     results = dag.run_pipeline(spec, Path(args.spec).read_text(), tuple(args.force))
     if any(r.status == "failed" for r in results):
         sys.exit(1)
+
+
+def connect(ray) -> None:
+    """The cluster at RAY_ADDRESS (inside `ray job submit` too), else a running local one, else a
+    new local one with max(8, cores) logical CPUs (see `corral up`)."""
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+    except ConnectionError:
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), log_to_driver=True)
 
 
 def cmd_status(args) -> None:
