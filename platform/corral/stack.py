@@ -125,7 +125,7 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
         stack.mlflow_pid = proc.pid
         _save_state(stack)
         log(f"starting MLflow on {stack.mlflow_uri} (log: {mlflow_log})")
-        _wait_for(stack.mlflow_uri + "/health", "MLflow", 120, proc, mlflow_log)
+        _wait_for(stack.mlflow_uri + "/health", "MLflow", 300, proc, mlflow_log)
 
     if _answers(stack.dashboard_url + "/api/version"):
         log(f"Ray already running (dashboard {stack.dashboard_url})")
@@ -147,7 +147,7 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
                 raise RuntimeError(f"`ray start` failed; see {ray_log}")
         stack.ray_started, stack.ray_session = True, _ray_session(stack.ray_port)
         _save_state(stack)
-        _wait_for(stack.dashboard_url + "/api/version", "Ray dashboard", 120, log=ray_log)
+        _wait_for(stack.dashboard_url + "/api/version", "Ray dashboard", 300, log=ray_log)
     _save_state(stack)
     return stack
 
