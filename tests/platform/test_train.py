@@ -69,7 +69,7 @@ def test_strategy_checkpoint_resumes_exactly(tmp_path, monkeypatch):
         monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
     config = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=32)
     gen = torch.Generator().manual_seed(0)
-    batches = [{"tokens": torch.randint(0, 256, (4, 17), generator=gen)} for _ in range(5)]
+    batches = [{"tokens": torch.randint(0, 16, (4, 17), generator=gen)} for _ in range(5)]  # learnable: 16 of 256 ids
 
     def strategy():
         s = DeepSpeedStrategy(DeepSpeedConfig(zero_stage=3, bf16=True), OptimConfig(lr=1e-2, warmup_steps=2),
