@@ -75,7 +75,7 @@ def deploy(ckpt: Path, port: int, threads: int) -> str:
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)  # a fresh local Ray
     config = yaml.safe_load((REPO / "services/configs/local.yaml").read_text())
     app = config["applications"][0]
     app["args"] = {"base": app["args"]["base"] | {"model": str(ckpt), "num_threads": threads}}
@@ -157,7 +157,7 @@ def copy_bandwidth(nbytes: int, repeats: int = 20) -> float:
     return 2 * src.nbytes / best
 
 
-def batch1_decode(ckpt: Path, tokens: int = 128) -> dict:
+def batch1_decode(ckpt: Path, tokens: int) -> dict:
     """Decode tokens/s of the engine at batch 1, as served (batch-invariant) and without that."""
     import corral
     from corral.engine import Engine, SamplingParams
@@ -191,6 +191,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--hf-prompts", type=int, default=8, help="requests for the sequential HF baseline")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens of the batch-1 decode measurement")
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the replica")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--out", default=str(REPO / "benchmarks/results/serve.json"))
@@ -199,7 +200,7 @@ def main() -> None:
 
     ckpt, hf_dir = prepare_weights(args)
     prompts = make_prompts(args.num_prompts)
-    decode = batch1_decode(ckpt)
+    decode = batch1_decode(ckpt, args.decode_tokens)
     hf = hf_sequential(hf_dir, prompts[: args.hf_prompts], args.max_tokens)
     url = deploy(ckpt, args.port, args.threads)
     try:

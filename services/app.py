@@ -104,9 +104,6 @@ class ModelServer:
         self.engine.start()
         self.metrics = _Metrics(served_name)
 
-    def info(self) -> dict:
-        return {"name": self.name, "chat": self.chat, "max_seq_len": self.engine.max_seq_len}
-
     def stats(self) -> dict[str, int]:
         """The engine's running/queued requests and cache slots, as the metrics report them."""
         return self.engine.stats()
@@ -150,7 +147,7 @@ class ModelServer:
                 raise APIError(400, f"prompt token ids must be a non-empty list of ids in [0, "
                                     f"{self.tokenizer.vocab_size})", param="prompt", code="invalid_value")
         context = self.engine.max_seq_len
-        max_tokens = request["max_tokens"] or context - len(prompt)
+        max_tokens = request["max_tokens"] or max(1, context - len(prompt))  # default: the rest of the context
         if len(prompt) + max_tokens > context:
             raise APIError(400, f"this model's context is {context} tokens, but the prompt has {len(prompt)} tokens "
                                 f"and max_tokens asks for {max_tokens}; shorten the {param} or lower max_tokens",
