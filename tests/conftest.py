@@ -67,7 +67,7 @@ def mlflow_server(tmp_path_factory):
          "--serve-artifacts", "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT,
     )
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a loaded 2-core machine takes minutes
     while True:
         try:
             urllib.request.urlopen(f"{uri}/health", timeout=2)
