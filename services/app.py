@@ -49,6 +49,7 @@ class ModelArgs(BaseModel):
     max_batch_size: int = Field(default=32, ge=1, description="KV-cache slots: requests decoded together")
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = Field(default="auto", description="torch device; auto = cuda when the replica has a GPU")
+    batch_invariant: bool = Field(default=True, description="greedy tokens under load = alone (slower at batch 1)")
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None = Ray's default")
 
 
@@ -91,7 +92,8 @@ class ModelServer:
     """One model behind a continuous-batching engine; `generate` streams a request's deltas."""
 
     def __init__(self, model: str, served_name: str, chat: bool = False, max_batch_size: int = 32,
-                 dtype: str = "float32", device: str = "auto", num_threads: int | None = None):
+                 dtype: str = "float32", device: str = "auto", batch_invariant: bool = True,
+                 num_threads: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         if device == "auto":
@@ -100,7 +102,7 @@ class ModelServer:
         self.name, self.chat = served_name, chat
         self.tokenizer = corral.load_tokenizer(path)
         weights = corral.load_model(path, getattr(torch, dtype)).to(device)
-        self.engine = Engine(weights, self.tokenizer, max_batch_size)
+        self.engine = Engine(weights, self.tokenizer, max_batch_size, batch_invariant=batch_invariant)
         self.engine.start()
         self.metrics = _Metrics(served_name)
 
