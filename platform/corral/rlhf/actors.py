@@ -219,11 +219,15 @@ class RoleGroup:
                 raise RoleFailed(f"{self.what} role {role!r} did not finish {doing} within {self.timeout:.0f}s "
                                  f"(resources.call_timeout_s)") from None
             except ray.exceptions.RayActorError as e:
-                raise RoleFailed(f"{self.what} role {role!r} died while {doing}: {_last_line(e)}") from e
+                state = "could not start" if e.actor_init_failed else f"died while {doing}"
+                raise RoleFailed(f"{self.what} role {role!r} {state}: {_last_line(e)}") from e
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 raise RoleFailed(f"{self.what} role {role!r} failed while {doing}: "
                                  f"{type(cause).__name__}: {_last_line(cause)}") from e
+            except ray.exceptions.RayError as e:  # out of memory, object lost, ...
+                raise RoleFailed(f"{self.what} role {role!r} failed while {doing}: "
+                                 f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
         return out
 
     def call(self, role: str, method: str, *args, doing: str | None = None):
