@@ -221,7 +221,7 @@ class Engine:
             positions = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in batch] + [0] * pad,
                                      device=self.device)
             logits = self.model(tokens, self.cache, slots, positions, last_only=True,
-                                exact_rows=self.batch_invariant)
+                                exact_rows=self.batch_invariant, pad_rows=pad)
             self._sample_and_advance(batch, logits[: len(batch), -1])
 
     def _admit(self) -> list[_Request]:

@@ -88,7 +88,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None, exact_rows=False):
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None, exact_rows=False, pad_rows=0):
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
@@ -109,7 +109,8 @@ class Attention(nn.Module):
                 # changes the reduction order, and so the row's logits in the last bits.
                 ends = (pos[:, -1] + 1).tolist()  # host-device sync: one list per layer call
                 rows = [self.cached_attention(xq[b:b + 1], cache_k, cache_v, slots[b:b + 1], pos[b:b + 1], end)
-                        for b, end in enumerate(ends)]
+                        for b, end in enumerate(ends[: bsz - pad_rows])]
+                rows += [xq.new_zeros(pad_rows, self.n_heads, seqlen, self.head_dim)]  # padding: no attention
                 out = torch.cat(rows)  # (bsz, n_heads, seqlen, head_dim)
             else:
                 kv_len = int(pos.max()) + 1  # host-device sync: one scalar per layer call
@@ -154,8 +155,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None, exact_rows=False):
-        h = x + self.attention(self.attention_norm(x), cos, sin, layer_cache, slots, positions, exact_rows)
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None, exact_rows=False, pad_rows=0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, layer_cache, slots, positions, exact_rows, pad_rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -185,14 +186,15 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, slots: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, last_only: bool = False,
-                exact_rows: bool = False) -> torch.Tensor:
+                exact_rows: bool = False, pad_rows: int = 0) -> torch.Tensor:
         """tokens (bsz, seqlen) -> logits (bsz, seqlen, vocab_size), fp32.
 
         Without a cache this is the plain causal forward. With a cache, row b of `tokens` continues
         the sequence in cache slot `slots[b]` from position `positions[b]`; its keys and values are
         written there. `last_only` returns only the last position's logits (bsz, 1, vocab_size).
         `exact_rows` attends row by row over each row's own length, so that a row's logits do not
-        depend on the other rows (continuous batching's "same tokens as alone"), at some speed.
+        depend on the other rows (continuous batching's "same tokens as alone"), at some speed; with
+        it, the last `pad_rows` rows are padding that only fills the batch, and skip attention.
         """
         bsz, seqlen = tokens.shape
         if cache is None:
@@ -207,7 +209,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            h = layer(h, cos, sin, layer_cache, slots, positions, exact_rows)
+            h = layer(h, cos, sin, layer_cache, slots, positions, exact_rows, pad_rows)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
