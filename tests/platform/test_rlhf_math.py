@@ -83,3 +83,17 @@ def test_approx_kl_entropy_and_logprobs_by_hand():
 def test_gate_extremes(threshold):
     out = combined_reward(t(0.3), t(0.6), torch.tensor([False]), threshold=threshold)
     assert_close(out, t(0.3) if threshold == 0.0 else t(0.6))
+
+
+def test_kl_penalty_beta_per_preset_and_batch_checks():
+    from pydantic import ValidationError
+
+    from corral.config import ModelConfig
+    from corral.rlhf.config import PPOConfig
+
+    cfg = PPOConfig()
+    assert [cfg.beta_for(ModelConfig.preset(p)) for p in ("llama2-7b", "llama2-13b", "llama2-34b", "llama2-70b")] \
+        == [0.01, 0.01, 0.005, 0.005]
+    assert PPOConfig(beta=0.05).beta_for(ModelConfig.preset("llama2-70b")) == 0.05
+    with pytest.raises(ValidationError, match="minibatch_size"):
+        PPOConfig(rollout_batch_size=32, minibatch_size=64)
