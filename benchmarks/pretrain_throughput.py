@@ -8,6 +8,10 @@ In one process, on the same machine and cores, with the same model shape, batch 
 plus model FLOPs utilisation against a bf16 matmul peak measured in the same run. Writes
 benchmarks/results/pretrain.json. Targets on a 2-core CPU: (a)/(b) >= 0.85, (b)/(c) >= 1.0.
 
+Caveats: DeepSpeed's bf16 mode computes on bf16 weights (fp32 master copy in the optimizer) while
+the bare loops autocast fp32 weights, so (a) can beat (b); and the load average is recorded
+because other work on a shared machine moves every number.
+
     .venv/bin/python benchmarks/pretrain_throughput.py [--preset small --seq-len 256 --batch 8]
 """
 
