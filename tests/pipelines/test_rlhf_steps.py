@@ -175,3 +175,18 @@ def test_rejection_sampling_round_logs_and_fine_tunes(ray_cluster, mlflow_server
     assert load_model(out["model"]).config == SMALL
     summary = json.loads(open(out["summary"]).read())
     assert summary["heldout_reward_end"] > summary["heldout_reward_start"], summary
+
+
+@pytest.mark.slow
+def test_ppo_stops_at_the_kl_bound_and_keeps_the_last_good_policy(ray_cluster, mlflow_server, models, tmp_path):
+    from pipelines.steps import ppo
+
+    out = ppo.run(rl_config(models, tmp_path, iterations=4, rollout_batch_size=16, minibatch_size=16, max_kl=0.05,
+                            optim={"lr": 3e-3, "warmup_steps": 0, "schedule": "constant"}, save_every=1), {})
+    summary = json.loads(open(out["summary"]).read())
+    # iteration 0 samples the reference itself (KL ~0) and is saved; one large step later KL is past 0.05
+    assert summary["last_good"] == 0 and summary["iterations"] == 1, summary
+    assert "passed max_kl 0.05" in summary["stop_reason"]
+    run = tracking.client().get_run(out["mlflow_run_id"])
+    assert "passed max_kl" in run.data.tags["corral.ppo.stopped_early"]
+    assert load_model(out["model"]).config == SMALL
