@@ -97,3 +97,11 @@ def test_kl_penalty_beta_per_preset_and_batch_checks():
     assert PPOConfig(beta=0.05).beta_for(ModelConfig.preset("llama2-70b")) == 0.05
     with pytest.raises(ValidationError, match="minibatch_size"):
         PPOConfig(rollout_batch_size=32, minibatch_size=64)
+
+
+def test_paired_bootstrap_interval():
+    from corral.rlhf.rollout import paired_bootstrap
+
+    assert paired_bootstrap([0.0, 0.2, 0.4], [1.0, 1.2, 1.4]) == pytest.approx((1.0, 1.0, 1.0))
+    mean, low, high = paired_bootstrap([0.0] * 40, [0.1 * (i % 2) for i in range(40)])  # differences 0, 0.1, ...
+    assert mean == pytest.approx(0.05) and 0.0 < low < 0.05 < high < 0.1
