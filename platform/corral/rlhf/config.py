@@ -84,6 +84,9 @@ class PPOConfig(RLStepConfig):
     gamma: float = Field(default=1.0, ge=0, le=1)
     lam: float = Field(default=0.95, ge=0, le=1)
     max_kl: float = Field(default=10.0, gt=0, description="stop when mean KL per response (nats) passes this")
+    critic_warmup: int = Field(default=0, ge=0, description="first iterations train only the critic (OpenRLHF's "
+                               "freezing_actor_steps): a critic fresh from the reward model predicts rewards, not "
+                               "returns, and its early advantages are noise")
     save_every: int = Field(default=10, ge=1, description="iterations between policy checkpoints")
     samples_every: int = Field(default=10, ge=1, description="iterations between MLflow sample tables")
     sample_rows: int = Field(default=8, ge=1)

@@ -65,7 +65,8 @@ def make_experience(group: RoleGroup, tokenizer: Tokenizer, records: list[dict],
     return Experience(s, batch, metrics)
 
 
-def ppo_update(group: RoleGroup, batch: dict[str, torch.Tensor], cfg: PPOConfig, gen: torch.Generator) -> dict[str, float]:
+def ppo_update(group: RoleGroup, batch: dict[str, torch.Tensor], cfg: PPOConfig, gen: torch.Generator,
+               train_policy: bool = True) -> dict[str, float]:
     """Shuffled minibatches, one gradient step each on policy and critic; the mean of their stats."""
     stats: dict[str, list[float]] = {}
     n = batch["tokens"].shape[0]
@@ -73,9 +74,11 @@ def ppo_update(group: RoleGroup, batch: dict[str, torch.Tensor], cfg: PPOConfig,
         order = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.minibatch_size):
             mb = {k: v[order[i:i + cfg.minibatch_size]] for k, v in batch.items()}
-            out = group.get({"policy": group["policy"].train_ppo.remote(mb, cfg.clip),
-                             "critic": group["critic"].train_values.remote(mb, cfg.value_clip)}, "training")
-            for k, v in (out["policy"] | out["critic"]).items():
+            calls = {"critic": group["critic"].train_values.remote(mb, cfg.value_clip)}
+            if train_policy:
+                calls["policy"] = group["policy"].train_ppo.remote(mb, cfg.clip)
+            out = group.get(calls, "training")
+            for k, v in (out.get("policy", {}) | out["critic"]).items():
                 stats.setdefault(k, []).append(v)
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
@@ -106,7 +109,7 @@ def train_ppo(cfg: PPOConfig, group: RoleGroup, tokenizer: Tokenizer, prompts: l
             last_good = it
         if it % cfg.samples_every == 0:
             sample_table(run_id, exp.samples, cfg.sample_rows, it)
-        metrics = exp.metrics | ppo_update(group, exp.batch, cfg, gen)  # every role is synced here
+        metrics = exp.metrics | ppo_update(group, exp.batch, cfg, gen, train_policy=it >= cfg.critic_warmup)
         tracking.log_metrics(run_id, metrics, step=it)
         history.append(metrics)
         print(f"ppo {it}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
