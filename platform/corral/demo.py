@@ -4,6 +4,9 @@ corral up -> fetch the demo corpus -> `ray job submit ... corral pipeline run ll
 -> `serve deploy` the registered models with services/configs/local.yaml -> one chat request
 through the `openai` client -> a summary. Every step is the command a user would type; this
 module only runs them in order and stops at the first failure with its output.
+
+Ports: CORRAL_RAY_PORT, CORRAL_DASHBOARD_PORT, CORRAL_MLFLOW_PORT, CORRAL_AGENT_PORT (defaults
+6379, 8265, 5000, 52365); Serve listens on 8000 (services/configs/local.yaml).
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ def main() -> None:
     start = time.time()
     home = stack.corral_home()
     say("starting the local stack (corral up)")
-    st = stack.up()
+    ports = {k: int(os.environ[f"CORRAL_{k.upper()}"]) for k in ("ray_port", "dashboard_port", "mlflow_port",
+                                                                    "agent_port") if f"CORRAL_{k.upper()}" in os.environ}
+    st = stack.up(**ports)
     env = {**os.environ, **st.env(), "CORRAL_HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     os.environ.update({"MLFLOW_TRACKING_URI": st.mlflow_uri})
 
