@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def cmd_run(args) -> None:
     if args.dry_run:
         print(dag.plan_table(dag.plan(spec, tuple(args.force)), spec))
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `ray job stop`: unwind and mark runs KILLED
     results = dag.run_pipeline(spec, Path(args.spec).read_text(), tuple(args.force))
     if any(r.status == "failed" for r in results):
         sys.exit(1)

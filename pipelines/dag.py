@@ -183,16 +183,22 @@ def run_pipeline(spec: PipelineSpec, spec_text: str = "", force: tuple[str, ...]
     step_of = {ref: sid for sid, ref in refs.items()}
     results: dict[str, StepResult] = {}
     pending, last_progress = list(refs.values()), 0.0
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1, timeout=5)
-        for ref in done:
-            r = ray.get(ref)
-            results[step_of[ref]] = r
-            log(f"  {r.step_id:<20} {r.status:<9} {r.seconds:7.1f}s")
-        if time.time() - last_progress > 15:
-            last_progress = time.time()
-            for line in progress_lines(parent):
-                log(line)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=5)
+            for ref in done:
+                r = ray.get(ref)
+                results[step_of[ref]] = r
+                log(f"  {r.step_id:<20} {r.status:<9} {r.seconds:7.1f}s")
+            if time.time() - last_progress > 15:
+                last_progress = time.time()
+                for line in progress_lines(parent):
+                    log(line)
+    except BaseException:  # Ctrl-C, `ray job stop` (SIGTERM): stop the steps, mark the runs KILLED
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        _mark_killed(parent)
+        raise
 
     ordered = [results[p.step_id] for p in plans]
     failed = [r for r in ordered if r.status == "failed"]
@@ -201,6 +207,17 @@ def run_pipeline(spec: PipelineSpec, spec_text: str = "", force: tuple[str, ...]
     for r in failed:
         log(f"\nstep {r.step_id} failed:\n{r.error}")
     return ordered
+
+
+def _mark_killed(parent_run_id: str) -> None:
+    """An interrupted pipeline: its parent and running step runs end KILLED (a re-run resumes them)."""
+    c = tracking.client()
+    running = c.search_runs([c.get_run(parent_run_id).info.experiment_id],
+                            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'")
+    for run in running:
+        c.set_tag(run.info.run_id, STATUS_TAG, "killed")
+        tracking.end_run(run.info.run_id, "KILLED")
+    tracking.end_run(parent_run_id, "KILLED")
 
 
 def run_link(run_id: str) -> str:

@@ -100,11 +100,19 @@ def test_submit_stop_resubmit_and_load_the_registered_models(stack, tmp_path):
         assert time.time() < deadline, cli("ray", "job", "logs", job_id, env=stack, check=False).stdout[-5000:]
         time.sleep(5)
     cli("ray", "job", "stop", job_id, env=stack)
-    assert "STOPPED" in cli("ray", "job", "status", job_id, env=stack).stdout
-    time.sleep(10)
-    actors = cli("ray", "list", "actors", "--filter", "state=ALIVE", "--format", "json",
-                 "--address", stack["RAY_API_SERVER_ADDRESS"], env=stack).stdout
-    assert "RayTrainWorker" not in actors and "TrainController" not in actors, actors
+    status = cli("ray", "job", "status", job_id, env=stack)
+    assert "STOPPED" in status.stdout + status.stderr
+    for _ in range(24):  # Ray reaps the stopped job's actors within seconds (a loaded host: longer)
+        actors = cli("ray", "list", "actors", "--filter", "state=ALIVE", "--address",
+                     stack["RAY_API_SERVER_ADDRESS"], env=stack, check=False)
+        if actors.returncode == 0 and "RayTrainWorker" not in actors.stdout and "TrainController" not in actors.stdout:
+            break
+        time.sleep(5)
+    else:
+        pytest.fail(f"trainer actors left behind after `ray job stop`:\n{actors.stdout}{actors.stderr}")
+    parents = client.search_runs([client.get_experiment_by_name("e2e-tiny").experiment_id],
+                                 "tags.`corral.pipeline` = 'e2e-tiny'")
+    assert [p.info.status for p in parents] == ["KILLED"]  # the runner unwound on SIGTERM
 
     r = submit(stack, spec)
     assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
