@@ -182,6 +182,13 @@ def _stop_session(session: str) -> int:
     return len(procs)
 
 
+def _same_group(proc, pgid: int) -> bool:
+    try:
+        return os.getpgid(proc.pid) == pgid
+    except OSError:
+        return False
+
+
 def down(log=print) -> None:
     """Stop what `up` started, and nothing else."""
     stack = load_state()
@@ -191,11 +198,17 @@ def down(log=print) -> None:
     if stack.ray_started and stack.ray_session:
         log(f"stopped Ray ({_stop_session(stack.ray_session)} processes of {stack.ray_session})")
     if _pid_alive(stack.mlflow_pid):
-        os.killpg(stack.mlflow_pid, signal.SIGTERM)  # the server and its uvicorn workers
-        for _ in range(40):
-            if not _pid_alive(stack.mlflow_pid):
-                break
-            time.sleep(0.25)
+        import psutil
+
+        group = [p for p in psutil.process_iter() if _same_group(p, stack.mlflow_pid)]  # server + uvicorn workers
+        for p in group:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(group, timeout=15)
+        for p in alive:  # a loaded host can take longer than that to shut uvicorn down
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=15)
         log("stopped MLflow")
     _state_file().unlink()
 

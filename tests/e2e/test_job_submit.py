@@ -6,6 +6,7 @@ ports, so it never shares a Ray head with other tests."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,7 +49,8 @@ def stack(tmp_path_factory):
     cli("corral", "down", env=env)
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if any(state["ray_session"] in a for a in p.info["cmdline"] or [])]
     assert not leftovers, f"corral down left {len(leftovers)} Ray processes"
-    assert not psutil.pid_exists(state["mlflow_pid"]) or psutil.Process(state["mlflow_pid"]).status() == "zombie"
+    assert not psutil.pid_exists(state["mlflow_pid"]) or psutil.Process(state["mlflow_pid"]).status() == "zombie", \
+        "corral down left the MLflow server running"
 
 
 def short_spec(tmp: Path) -> Path:
@@ -94,7 +96,7 @@ def test_submit_stop_resubmit_and_load_the_registered_models(stack, tmp_path):
 
     r = submit(stack, spec, wait=False)
     assert r.returncode == 0, r.stdout + r.stderr
-    job_id = next(w for w in (r.stdout + r.stderr).split() if w.startswith("raysubmit_")).strip("'")
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", r.stdout + r.stderr).group(0)
     deadline = time.time() + 900
     while len(pretrain_steps(client)) < 12:  # past the step-10 checkpoint
         assert time.time() < deadline, cli("ray", "job", "logs", job_id, env=stack, check=False).stdout[-5000:]
