@@ -17,9 +17,10 @@ from pipelines.spec import validate_spec
 def spec_raw(corpus, tmp_path_factory):
     storage = tmp_path_factory.mktemp("pipelines")
     plays = [str(corpus / f) for f in ("hamlet_gut.txt", "lear_gut.txt", "macbeth_gut.txt", "othello_gut.txt")]
+    # the tokenizers train on the whole corpus: long enough (seconds) to outlast a worker's start-up
     return {"name": "dag-test", "tracking": {"experiment": "dag-test"}, "storage": str(storage), "steps": {
-        "tok_a": {"uses": "tokenizer", "config": {"inputs": plays, "vocab_size": 2000}},
-        "tok_b": {"uses": "tokenizer", "config": {"inputs": plays[::-1], "vocab_size": 1500}},
+        "tok_a": {"uses": "tokenizer", "config": {"inputs": [str(corpus)], "vocab_size": 12000}},
+        "tok_b": {"uses": "tokenizer", "config": {"inputs": [str(corpus)], "vocab_size": 11000}},
         "data": {"uses": "prepare_data", "needs": ["tok_a"], "config": {"inputs": plays[:1], "seq_len": 64}},
     }}
 
