@@ -90,9 +90,11 @@ def pretrain_steps(client) -> list[int]:
     return sorted({m.step for r in runs[:1] for m in client.get_metric_history(r.info.run_id, "loss")})
 
 
-def test_submit_stop_resubmit_and_load_the_registered_models(stack, tmp_path):
+def test_submit_stop_resubmit_and_load_the_registered_models(stack, tmp_path, monkeypatch):
     spec = short_spec(tmp_path)
-    client = mlflow.MlflowClient(stack["MLFLOW_TRACKING_URI"])
+    # the registry (and models:/ URIs) follow the process-wide URI, not MlflowClient's argument
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient(stack["MLFLOW_TRACKING_URI"], registry_uri=stack["MLFLOW_TRACKING_URI"])
 
     r = submit(stack, spec, wait=False)
     assert r.returncode == 0, r.stdout + r.stderr
