@@ -1,7 +1,7 @@
 """GPU check of corral's generation engine: throughput and time to first token at concurrency 1 and 32.
 
-Standalone on purpose: no Ray, no MLflow, no Serve. It needs only torch (plus sentencepiece and
-safetensors, which `corral` imports) and runs from a checkout:
+Standalone on purpose: no Ray, no MLflow, no Serve. It needs only torch, pydantic, sentencepiece
+and safetensors (what `corral.engine` imports) and runs from a checkout:
 
     python benchmarks/gpu_serve_check.py                    # small preset, random weights, CUDA, bf16
     python benchmarks/gpu_serve_check.py --device cpu       # quick smoke check (fp32)
@@ -19,78 +19,11 @@ import asyncio
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
-
-
-def _pydantic_stand_in() -> None:
-    """Register a minimal `pydantic` if the machine has none (the GPU box ships without it).
-
-    corral's ModelConfig and SamplingParams are pydantic models; this check only constructs them
-    from known-good values, so keyword construction with defaults and after-validators suffices.
-    """
-    try:
-        import pydantic  # noqa: F401
-        return
-    except ImportError:
-        pass
-
-    class FieldInfo:
-        def __init__(self, default=None, default_factory=None):
-            self.default, self.default_factory = default, default_factory
-
-    def Field(default=None, *, default_factory=None, **_constraints):  # noqa: N802 - pydantic's name
-        return FieldInfo(default, default_factory)
-
-    def model_validator(mode: str):
-        def mark(fn):
-            fn._after_validator = True
-            return fn
-        return mark
-
-    def field_validator(*_fields, **_kw):
-        return lambda fn: fn
-
-    class BaseModel:
-        def __init__(self, **values):
-            for name in self._field_names():
-                if name in values:
-                    value = values.pop(name)
-                else:
-                    default = getattr(type(self), name, None)
-                    if isinstance(default, FieldInfo):
-                        default = default.default_factory() if default.default_factory else default.default
-                    value = default
-                object.__setattr__(self, name, value)
-            if values:
-                raise TypeError(f"{type(self).__name__}: unknown fields {sorted(values)}")
-            for attr in dir(type(self)):
-                fn = getattr(type(self), attr, None)
-                if getattr(fn, "_after_validator", False):
-                    fn(self)
-
-        @classmethod
-        def _field_names(cls) -> list[str]:
-            names: list[str] = []
-            for klass in reversed(cls.__mro__):
-                names += [n for n in vars(klass).get("__annotations__", {}) if n not in names and n != "model_config"]
-            return names
-
-        def model_dump(self) -> dict:
-            return {n: getattr(self, n) for n in self._field_names()}
-
-        def model_copy(self, update: dict | None = None):
-            return type(self)(**(self.model_dump() | (update or {})))
-
-    stand_in = types.ModuleType("pydantic")
-    stand_in.BaseModel, stand_in.Field, stand_in.ConfigDict = BaseModel, Field, dict
-    stand_in.model_validator, stand_in.field_validator = model_validator, field_validator
-    stand_in.ValidationError = ValueError
-    sys.modules["pydantic"] = stand_in
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -129,7 +62,6 @@ def main() -> None:
     p.add_argument("--no-batch-invariant", action="store_true", help="skip the per-row decode measures")
     args = p.parse_args()
 
-    _pydantic_stand_in()
     from corral.config import ModelConfig
     from corral.engine import Engine, SamplingParams
     from corral.model import Transformer

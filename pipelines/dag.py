@@ -29,7 +29,6 @@ from pipelines.steps import step_module
 
 FINGERPRINT_TAG, STEP_TAG, STATUS_TAG, OUTPUTS_TAG = "corral.fingerprint", "corral.step", "corral.status", "corral.outputs"
 PIPELINE_TAG = "corral.pipeline"
-RUN_RECORD = "mlflow_run.json"  # in a step's output directory: the run an interrupted attempt logged into
 
 
 TOOLING = {"corral/cli.py", "corral/stack.py", "corral/demo.py", "pipelines/cli.py"}  # cannot change a result
@@ -151,17 +150,7 @@ def run_step(p: StepPlan, experiment: str, parent_run_id: str, *upstream: StepRe
 def _step_run(p: StepPlan, experiment: str, parent_run_id: str, tags: dict) -> str:
     """The step's MLflow run: an interrupted attempt's run (recorded in its output directory) is
     resumed, so a training step that continues from its checkpoint keeps one metric history."""
-    out = Path(p.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    record = out / RUN_RECORD
-    if record.is_file():
-        run_id = tracking.resume_run(json.loads(record.read_text())["run_id"])
-        for k, v in (tags | {tracking.PARENT_TAG: parent_run_id, STATUS_TAG: "running"}).items():
-            tracking.client().set_tag(run_id, k, v)
-        return run_id
-    run_id = tracking.start_run(experiment, p.step_id, parent_run_id, tags | {STATUS_TAG: "running"})
-    record.write_text(json.dumps({"run_id": run_id}) + "\n")
-    return run_id
+    return tracking.recorded_run(p.output_dir, experiment, p.step_id, parent_run_id, tags | {STATUS_TAG: "running"})
 
 
 def run_pipeline(spec: PipelineSpec, spec_text: str = "", force: tuple[str, ...] = (), log=print) -> list[StepResult]:

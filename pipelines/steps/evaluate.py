@@ -21,7 +21,7 @@ from corral.data.formats import read_records
 from corral.data.tasks import TaskSuite
 from corral.evaluate import (dialog_perplexity, generate_replies, multiple_choice, normalise, safety_rates,
                              task_accuracy)
-from pipelines.steps.sft import base_model_path, own_mlflow_run
+from pipelines.steps.sft import base_model_path
 
 
 def run(config: EvaluateConfig | dict, inputs: dict) -> dict:
@@ -48,12 +48,10 @@ def run(config: EvaluateConfig | dict, inputs: dict) -> dict:
         metrics |= {f"{bench.name}_{k}": v for k, v in scores.items()}
 
     outputs = write_tables(out, path, metrics, items, replies)
-    run_id = inputs.get("run_id") or own_mlflow_run(cfg, out, "evaluate")
-    tracking.log_params(run_id, {"model": str(path), "items": len(items)})
-    tracking.log_metrics(run_id, metrics, step=0)
-    tracking.log_artifacts(run_id, out / "eval", "eval")
-    if "run_id" not in inputs:
-        tracking.end_run(run_id)
+    with tracking.step_run(inputs, cfg.tracking.experiment, cfg.tracking.run_name or "evaluate", out) as run_id:
+        tracking.log_params(run_id, {"model": str(path), "items": len(items)})
+        tracking.log_metrics(run_id, metrics, step=0)
+        tracking.log_artifacts(run_id, out / "eval", "eval")
     print(f"evaluate {path}:\n" + (out / "eval" / "eval.md").read_text())
     return outputs | {"mlflow_run_id": run_id}
 

@@ -27,35 +27,29 @@ def run(config: PPOConfig | dict, inputs: dict) -> dict:
     beta = cfg.beta_for(read_config(policy))
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    own_run = "run_id" not in inputs
-    run_id = inputs.get("run_id") or tracking.start_run(cfg.tracking.experiment, cfg.tracking.run_name or "ppo")
-    tracking.log_params(run_id, cfg.model_dump(mode="json") | {"policy_path": policy, "helpful_path": helpful,
-                                                                  "safety_path": safety, "beta_used": beta})
-    tokenizer = load_tokenizer(policy)
-    train, held = load_prompts(cfg.prompts)
-    group = RoleGroup(ppo_roles(cfg, policy, helpful, safety), cfg.resources, "PPO")
-    try:
-        before = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
-        result = train_ppo(cfg, group, tokenizer, train, beta, run_id, out / "policy")
-        # after an early stop the live policy is the rejected one: judge only a finished run
-        after = None if result["stop_reason"] else heldout(group, tokenizer, held, cfg.max_new_tokens,
-                                                           cfg.safety_threshold)
-    except BaseException:
-        if own_run:
-            tracking.end_run(run_id, "FAILED")
-        raise
-    finally:
-        group.shutdown()
-    summary = heldout_summary(before, after) | {"iterations": result["iterations"], "last_good": result["last_good"]}
-    if result["stop_reason"]:
-        summary["stop_reason"] = result["stop_reason"]
-        tracking.client().set_tag(run_id, "corral.ppo.stopped_early", result["stop_reason"])
-        print(f"PPO stopped early: {result['stop_reason']} ({out / 'policy'})", file=sys.stderr)
-    tracking.log_metrics(run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))},
-                         step=result["iterations"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("PPO held-out: " + json.dumps(summary), file=sys.stderr)
-    tracking.log_artifacts(run_id, out / "policy", "model")
-    if own_run:
-        tracking.end_run(run_id)
+    with tracking.step_run(inputs, cfg.tracking.experiment, cfg.tracking.run_name or "ppo", out) as run_id:
+        tracking.log_params(run_id, cfg.model_dump(mode="json") | {"policy_path": policy, "helpful_path": helpful,
+                                                                      "safety_path": safety, "beta_used": beta})
+        tokenizer = load_tokenizer(policy)
+        train, held = load_prompts(cfg.prompts)
+        group = RoleGroup(ppo_roles(cfg, policy, helpful, safety), cfg.resources, "PPO")
+        try:
+            before = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
+            result = train_ppo(cfg, group, tokenizer, train, beta, run_id, out / "policy")
+            # after an early stop the live policy is the rejected one: judge only a finished run
+            after = None if result["stop_reason"] else heldout(group, tokenizer, held, cfg.max_new_tokens,
+                                                               cfg.safety_threshold)
+        finally:
+            group.shutdown()
+        summary = heldout_summary(before, after) | {"iterations": result["iterations"],
+                                                    "last_good": result["last_good"]}
+        if result["stop_reason"]:
+            summary["stop_reason"] = result["stop_reason"]
+            tracking.client().set_tag(run_id, "corral.ppo.stopped_early", result["stop_reason"])
+            print(f"PPO stopped early: {result['stop_reason']} ({out / 'policy'})", file=sys.stderr)
+        tracking.log_metrics(run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                             step=result["iterations"])
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print("PPO held-out: " + json.dumps(summary), file=sys.stderr)
+        tracking.log_artifacts(run_id, out / "policy", "model")
     return {"model": str(out / "policy"), "mlflow_run_id": run_id, "summary": str(out / "summary.json")}

@@ -9,7 +9,6 @@ logs into the same MLflow run.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -30,30 +29,12 @@ def run(config: PretrainConfig | dict, inputs: dict) -> dict:
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", job.tracking_uri)  # no server: the run's own SQLite
-    own_run = "run_id" not in inputs  # a pipeline hands over its nested run and ends it itself
-    job.mlflow_run_id = run_id = mlflow_run(cfg, out) if own_run else inputs["run_id"]
-
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tracking.log_params(run_id, cfg.model_dump(mode="json") | {"data_dir": str(data_dir)})
-    tracking.log_artifacts(run_id, out / "config.yaml")
-    tracking.log_artifacts(run_id, Path(data_dir) / "tokenizer.model", "tokenizer")
-    try:
+    with tracking.step_run(inputs, cfg.tracking.experiment, cfg.tracking.run_name or "pretrain", out) as run_id:
+        job.mlflow_run_id = run_id
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        tracking.log_params(run_id, cfg.model_dump(mode="json") | {"data_dir": str(data_dir)})
+        tracking.log_artifacts(run_id, out / "config.yaml")
+        tracking.log_artifacts(run_id, Path(data_dir) / "tokenizer.model", "tokenizer")
         result = fit(job, datasets)
-    except BaseException:
-        if own_run:
-            tracking.end_run(run_id, "FAILED")
-        raise
-    tracking.log_artifacts(run_id, job.export_dir, "model")
-    if own_run:
-        tracking.end_run(run_id)
+        tracking.log_artifacts(run_id, job.export_dir, "model")
     return {"model": job.export_dir, "checkpoints": str(Path(result.path)), "mlflow_run_id": run_id}
-
-
-def mlflow_run(cfg: PretrainConfig, out: Path) -> str:
-    """The MLflow run of this output directory: resumed if an earlier attempt started one."""
-    record = out / "mlflow_run.json"
-    if record.is_file():
-        return tracking.resume_run(json.loads(record.read_text())["run_id"])
-    run_id = tracking.start_run(cfg.tracking.experiment, cfg.tracking.run_name or "pretrain")
-    record.write_text(json.dumps({"run_id": run_id}) + "\n")
-    return run_id

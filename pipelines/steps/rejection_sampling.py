@@ -66,30 +66,24 @@ def run(config: RejectionSamplingConfig | dict, inputs: dict) -> dict:
     policy, helpful, safety = resolve_models(cfg, inputs)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    own_run = "run_id" not in inputs
-    run_id = inputs.get("run_id") or tracking.start_run(cfg.tracking.experiment, cfg.tracking.run_name or "rejection_sampling")
-    tracking.log_params(run_id, cfg.model_dump(mode="json") | {"policy_path": policy, "helpful_path": helpful,
-                                                                  "safety_path": safety})
-    tokenizer = load_tokenizer(policy)
-    train, held = load_prompts(cfg.prompts)
-    group = RoleGroup(rs_roles(cfg, policy, helpful, safety), cfg.resources, "rejection sampling")
-    try:
-        before = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
-        rejection_sampling(cfg, group, tokenizer, train, run_id)
-        after = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
-        group.call("policy", "save", str(out / "policy"), {"stage": "rejection_sampling", "rounds": cfg.rounds},
-                   doing="saving")
-    except BaseException:
-        if own_run:
-            tracking.end_run(run_id, "FAILED")
-        raise
-    finally:
-        group.shutdown()
-    summary = heldout_summary(before, after)
-    tracking.log_metrics(run_id, summary, step=cfg.rounds)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("rejection sampling held-out: " + json.dumps(summary), file=sys.stderr)
-    tracking.log_artifacts(run_id, out / "policy", "model")
-    if own_run:
-        tracking.end_run(run_id)
+    name = cfg.tracking.run_name or "rejection_sampling"
+    with tracking.step_run(inputs, cfg.tracking.experiment, name, out) as run_id:
+        tracking.log_params(run_id, cfg.model_dump(mode="json") | {"policy_path": policy, "helpful_path": helpful,
+                                                                      "safety_path": safety})
+        tokenizer = load_tokenizer(policy)
+        train, held = load_prompts(cfg.prompts)
+        group = RoleGroup(rs_roles(cfg, policy, helpful, safety), cfg.resources, "rejection sampling")
+        try:
+            before = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
+            rejection_sampling(cfg, group, tokenizer, train, run_id)
+            after = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
+            group.call("policy", "save", str(out / "policy"), {"stage": "rejection_sampling", "rounds": cfg.rounds},
+                       doing="saving")
+        finally:
+            group.shutdown()
+        summary = heldout_summary(before, after)
+        tracking.log_metrics(run_id, summary, step=cfg.rounds)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print("rejection sampling held-out: " + json.dumps(summary), file=sys.stderr)
+        tracking.log_artifacts(run_id, out / "policy", "model")
     return {"model": str(out / "policy"), "mlflow_run_id": run_id, "summary": str(out / "summary.json")}

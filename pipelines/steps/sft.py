@@ -11,7 +11,6 @@ the loop's seed, and packed whole into rows of the model's context.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -105,16 +104,6 @@ def items_dataset(columns: dict):
     return ray.data.from_items([{k: v[i] for k, v in columns.items()} for i in range(n)])
 
 
-def own_mlflow_run(cfg, out: Path, name: str) -> str:
-    """The MLflow run of a step run outside a pipeline: resumed if an earlier attempt started one."""
-    record = out / "mlflow_run.json"
-    if record.is_file():
-        return tracking.resume_run(json.loads(record.read_text())["run_id"])
-    run_id = tracking.start_run(cfg.tracking.experiment, cfg.tracking.run_name or name)
-    record.write_text(json.dumps({"run_id": run_id}) + "\n")
-    return run_id
-
-
 def run_tracked(job: TrainJob, datasets: dict, cfg, inputs: dict, out: Path, params: dict):
     """fit() inside the step's MLflow run (the pipeline's, or one of its own), as pretraining does."""
     import yaml
@@ -122,19 +111,12 @@ def run_tracked(job: TrainJob, datasets: dict, cfg, inputs: dict, out: Path, par
     out.mkdir(parents=True, exist_ok=True)
     job.tracking_uri = tracking.tracking_uri(out)
     os.environ.setdefault("MLFLOW_TRACKING_URI", job.tracking_uri)  # no server: the run's own SQLite
-    own_run = "run_id" not in inputs
-    job.mlflow_run_id = run_id = own_mlflow_run(cfg, out, job.name) if own_run else inputs["run_id"]
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    params = {"max_steps_resolved": job.loop.max_steps, **params}
-    tracking.log_params(run_id, cfg.model_dump(mode="json") | params)
-    tracking.log_artifacts(run_id, out / "config.yaml")
-    try:
+    with tracking.step_run(inputs, cfg.tracking.experiment, cfg.tracking.run_name or job.name, out) as run_id:
+        job.mlflow_run_id = run_id
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        params = {"max_steps_resolved": job.loop.max_steps, **params}
+        tracking.log_params(run_id, cfg.model_dump(mode="json") | params)
+        tracking.log_artifacts(run_id, out / "config.yaml")
         result = fit(job, datasets)
-    except BaseException:
-        if own_run:
-            tracking.end_run(run_id, "FAILED")
-        raise
-    tracking.log_artifacts(run_id, job.export_dir, "model")
-    if own_run:
-        tracking.end_run(run_id)
+        tracking.log_artifacts(run_id, job.export_dir, "model")
     return result

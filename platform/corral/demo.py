@@ -45,11 +45,16 @@ def bin_(name: str) -> str:
 
 
 def serve_config(home: Path) -> Path:
-    """services/configs/local.yaml with the registered models filled in (the file itself stays generic)."""
+    """services/configs/local.yaml with the models this run registered filled in.
+
+    `@candidate` is the version the pipeline just registered; `@champion` moves to it only when
+    the register step's quality gates pass, which a 3M-parameter model trained for minutes may
+    not do (the summary says which gates failed).
+    """
     cfg = yaml.safe_load((REPO / "services/configs/local.yaml").read_text())
     args = cfg["applications"][0]["args"]
-    args["base"]["model"] = f"models:/{BASE_MODEL}@champion"
-    args["chat"]["model"] = f"models:/{CHAT_MODEL}@champion"
+    args["base"]["model"] = f"models:/{BASE_MODEL}@candidate"
+    args["chat"]["model"] = f"models:/{CHAT_MODEL}@candidate"
     out = home / "serve-demo.yaml"
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
@@ -97,7 +102,7 @@ def main() -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://127.0.0.1:{SERVE_PORT}/v1", api_key=os.environ.get("CORRAL_API_KEY", "none"))
-    question = "What is 23 + 45?"
+    question = "Write in capitals: l l a m a"  # one of the instruction families SFT taught it
     reply = client.chat.completions.create(model="corral-chat", messages=[{"role": "user", "content": question}],
                                            max_tokens=32, temperature=0)
     print(f"user:      {question}\nassistant: {reply.choices[0].message.content}")

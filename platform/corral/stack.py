@@ -147,6 +147,10 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
         stack.ray_started, stack.ray_session = True, _ray_session(stack.ray_port)
         _save_state(stack)
         _wait_for(stack.dashboard_url + "/api/version", "Ray dashboard", 300, log=ray_log)
+        # `ray job submit` goes through the dashboard agent, which starts after the dashboard:
+        # until it answers, submissions fail with "No available agent".
+        _wait_for(f"http://127.0.0.1:{stack.agent_port}/api/job_agent/jobs/none/logs", "Ray job agent", 300,
+                  log=ray_log)
     _save_state(stack)
     return stack
 

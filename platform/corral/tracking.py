@@ -7,9 +7,11 @@ training run logs into the run it started in. The server comes from MLFLOW_TRACK
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
@@ -54,6 +56,48 @@ def resume_run(run_id: str) -> str:
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     """status: FINISHED, FAILED or KILLED."""
     client().set_terminated(run_id, status=status)
+
+
+RUN_RECORD = "mlflow_run.json"  # in a step's output directory: the run an interrupted attempt logged into
+
+
+def recorded_run(out: str | os.PathLike, experiment: str, name: str, parent_run_id: str | None = None,
+                 tags: Mapping[str, str] | None = None) -> str:
+    """The run recorded in `out/mlflow_run.json`, resumed (with `tags` set again); else a new one.
+
+    A step that continues from its checkpoint thereby keeps one metric history across attempts.
+    """
+    record = Path(out) / RUN_RECORD
+    tags = dict(tags or {})
+    if record.is_file():
+        run_id = resume_run(json.loads(record.read_text())["run_id"])
+        for k, v in (tags | ({PARENT_TAG: parent_run_id} if parent_run_id else {})).items():
+            client().set_tag(run_id, k, v)
+        return run_id
+    run_id = start_run(experiment, name, parent_run_id, tags)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"run_id": run_id}) + "\n")
+    return run_id
+
+
+@contextmanager
+def step_run(inputs: Mapping, experiment: str, name: str, out: str | os.PathLike) -> Iterator[str]:
+    """The MLflow run a step logs into, as a context manager yielding its id.
+
+    In a pipeline that is the nested run the runner hands over (`inputs["run_id"]`), which the
+    runner ends. Run alone, the step gets a run of its own, recorded in `out/mlflow_run.json` so
+    that running the step again resumes it; it ends FINISHED, or FAILED if the step raises.
+    """
+    if "run_id" in inputs:
+        yield inputs["run_id"]
+        return
+    run_id = recorded_run(out, experiment, name)
+    try:
+        yield run_id
+    except BaseException:
+        end_run(run_id, "FAILED")
+        raise
+    end_run(run_id)
 
 
 def flatten(params: Mapping, prefix: str = "") -> dict[str, str]:

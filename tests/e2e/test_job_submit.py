@@ -76,12 +76,8 @@ def submit(env, spec: Path, wait=True):
             json.dumps({"env_vars": {"CORRAL_HOME": env["CORRAL_HOME"], "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}})]
     if not wait:
         args.append("--no-wait")
-    for attempt in range(10):  # right after `ray start` the job agent may not have registered yet
-        r = cli(*args, "--", "corral", "pipeline", "run", str(spec), env=env, check=False, timeout=1800)
-        if "No available agent" not in r.stdout + r.stderr:
-            return r
-        time.sleep(5)
-    return r
+    # no retry: `corral up` returns only once the job agent answers
+    return cli(*args, "--", "corral", "pipeline", "run", str(spec), env=env, check=False, timeout=1800)
 
 
 def pretrain_steps(client) -> list[int]:

@@ -72,8 +72,24 @@ def run_in_thread(cfg):
     return thread, box
 
 
-def kill_a_worker_after(out, step: int, thread, box: dict, timeout: float = 900) -> int:
-    """Wait until MLflow shows `step`, then SIGKILL one training worker process; its pid."""
+def registered_checkpoints(out) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller has registered (its snapshot in storage).
+
+    A checkpoint counts once the controller has taken the report (it polls every 2 s); a kill
+    between the workers' upload and that poll leaves the run at the checkpoint before.
+    """
+    import json
+    import re
+
+    snapshot = out / "ray" / "pretrain" / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return []
+    return sorted(int(m) for m in re.findall(r"step_(\d{8})", json.dumps(json.loads(snapshot.read_text()))))
+
+
+def kill_a_worker_after(out, step: int, thread, box: dict, timeout: float = 900, checkpoint: int = 0) -> int:
+    """Wait until MLflow shows `step` (and Ray has registered `checkpoint`), then SIGKILL one
+    training worker process; its pid."""
     deadline = time.time() + timeout
     while time.time() < deadline and thread.is_alive():
         record = out / "mlflow_run.json"
@@ -81,7 +97,7 @@ def kill_a_worker_after(out, step: int, thread, box: dict, timeout: float = 900)
             import json
 
             history = tracking.metric_history(json.loads(record.read_text())["run_id"], "loss")
-            if history and max(s for s, _ in history) >= step:
+            if history and max(s for s, _ in history) >= step and checkpoint in [0, *registered_checkpoints(out)]:
                 workers = train_workers()
                 assert workers, "Ray's state API lists no live RayTrainWorker"
                 victim = workers[-1]
@@ -105,7 +121,7 @@ def test_worker_killed_mid_run_costs_nothing_and_the_model_learns(prepared, tmp_
 
     out = tmp_path / "run"
     thread, box = run_in_thread(config(prepared, out))
-    kill_a_worker_after(out, 13, thread, box)
+    kill_a_worker_after(out, 13, thread, box, checkpoint=10)
     thread.join(timeout=600)
     assert "error" not in box, box.get("error")
     run_id = box["outputs"]["mlflow_run_id"]
@@ -141,10 +157,12 @@ def test_rerun_of_a_failed_run_continues_from_its_last_checkpoint(prepared, tmp_
     out = tmp_path / "run"
     cfg = config(prepared, out, max_steps=16, checkpoint_every=6, eval_every=100, max_failures=0)
     thread, box = run_in_thread(cfg)
-    kill_a_worker_after(out, 8, thread, box)
+    kill_a_worker_after(out, 8, thread, box, checkpoint=6)
     thread.join(timeout=600)
     assert "error" in box, "with max_failures=0 the kill must fail the run"
     import json
+
+    resumed = max(registered_checkpoints(out))  # 6, or 12 where the kill landed late
 
     run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
     assert tracking.client().get_run(run_id).info.status == "FAILED"
@@ -157,11 +175,11 @@ def test_rerun_of_a_failed_run_continues_from_its_last_checkpoint(prepared, tmp_
     assert tracking.client().get_run(run_id).info.status == "FINISHED"
     loss = losses_by_step(run_id)
     assert sorted(loss) == list(range(1, 17))
-    assert tracking.metric_history(run_id, "resumed_from") == [(6, 6.0)]
-    # exactly the remaining batches: steps 7..16 ran once more each, the replayed ones on the
-    # same batches (same losses), and the token count matches an uninterrupted run
-    assert [s for s, v in loss.items() if len(v) == 2] == list(range(7, last_before + 1))
-    for s in range(7, last_before + 1):
+    assert tracking.metric_history(run_id, "resumed_from") == [(resumed, float(resumed))]
+    # exactly the remaining batches: the steps after the checkpoint ran once more each, the
+    # replayed ones on the same batches (same losses); the token count matches an uninterrupted run
+    assert [s for s, v in loss.items() if len(v) == 2] == list(range(resumed + 1, last_before + 1))
+    for s in range(resumed + 1, last_before + 1):
         assert loss[s][1] == pytest.approx(loss[s][0], abs=2e-3), s
     assert dict(tracking.metric_history(run_id, "tokens_seen"))[16] == 16 * 4 * 2 * SEQ_LEN
 
