@@ -208,7 +208,10 @@ def report_progress(job: TrainJob, progress: Progress, metrics: dict, resumed_fr
         line += f" tok/s {metrics['tokens_per_s']:,.0f}"
     if "val_loss" in metrics:
         line += f" val_loss {metrics['val_loss']:.4f}"
-    print(f"{line} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr, flush=True)
+    # Not print(): Ray Train patches it in workers and, once anything has wrapped sys.stderr,
+    # the line comes out twice (tee to the stream plus the root logger's console handler).
+    sys.stderr.write(f"{line} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}\n")
+    sys.stderr.flush()
 
 
 def fit(job: TrainJob, datasets: dict):
