@@ -104,8 +104,10 @@ def items_dataset(columns: dict):
     return ray.data.from_items([{k: v[i] for k, v in columns.items()} for i in range(n)])
 
 
-def run_tracked(job: TrainJob, datasets: dict, cfg, inputs: dict, out: Path, params: dict):
-    """fit() inside the step's MLflow run (the pipeline's, or one of its own), as pretraining does."""
+def run_tracked(job: TrainJob, datasets: dict, cfg, inputs: dict, out: Path, params: dict,
+                artifacts: dict[str, Path] | None = None):
+    """fit() inside the step's MLflow run (the pipeline's, or one of its own): the resolved config,
+    `params` and `artifacts` ({artifact dir: local path}) logged first, the exported model last."""
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +119,8 @@ def run_tracked(job: TrainJob, datasets: dict, cfg, inputs: dict, out: Path, par
         params = {"max_steps_resolved": job.loop.max_steps, **params}
         tracking.log_params(run_id, cfg.model_dump(mode="json") | params)
         tracking.log_artifacts(run_id, out / "config.yaml")
+        for artifact_dir, path in (artifacts or {}).items():
+            tracking.log_artifacts(run_id, path, artifact_dir)
         result = fit(job, datasets)
         tracking.log_artifacts(run_id, job.export_dir, "model")
     return result

@@ -78,8 +78,8 @@ def main() -> None:
     start = time.time()
     home = stack.corral_home()
     say("starting the local stack (corral up)")
-    ports = {k: int(os.environ[f"CORRAL_{k.upper()}"]) for k in ("ray_port", "dashboard_port", "mlflow_port",
-                                                                    "agent_port") if f"CORRAL_{k.upper()}" in os.environ}
+    ports = {k: int(v) for k in ("ray_port", "dashboard_port", "mlflow_port", "agent_port")
+             if (v := os.environ.get(f"CORRAL_{k.upper()}"))}
     st = stack.up(**ports)
     env = {**os.environ, **st.env(), "CORRAL_HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     os.environ.update({"MLFLOW_TRACKING_URI": st.mlflow_uri})

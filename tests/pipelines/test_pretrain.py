@@ -78,13 +78,12 @@ def registered_checkpoints(out) -> list[int]:
     A checkpoint counts once the controller has taken the report (it polls every 2 s); a kill
     between the workers' upload and that poll leaves the run at the checkpoint before.
     """
-    import json
     import re
 
     snapshot = out / "ray" / "pretrain" / "checkpoint_manager_snapshot.json"
     if not snapshot.is_file():
         return []
-    return sorted(int(m) for m in re.findall(r"step_(\d{8})", json.dumps(json.loads(snapshot.read_text()))))
+    return sorted({int(m) for m in re.findall(r"step_(\d{8})", snapshot.read_text())})
 
 
 def kill_a_worker_after(out, step: int, thread, box: dict, timeout: float = 900, checkpoint: int = 0) -> int:
