@@ -41,7 +41,7 @@ def run(config: SFTConfig | dict, inputs: dict) -> dict:
         random.Random(cfg.loop.seed).shuffle(records)
         packed = pack([encode_record(tokenizer, r, cfg.gatt) for r in records], seq_len)
         stats[f"{split}_rows"], stats[f"{split}_dropped"] = len(packed["input_ids"]), packed["dropped"]
-        datasets[split] = items_dataset({k: packed[k] for k in ("input_ids", "labels")})
+        datasets[split] = items_dataset({k: packed[k] for k in ("input_ids", "labels", "positions")})
     loop = cfg.loop.model_copy(update={"max_steps": steps_for(cfg.epochs, stats["train_rows"], cfg)})
     job = TrainJob(
         name="sft", storage_path=str(out / "ray"), build_model=partial(load_model, base), loss_fn=sft_loss,

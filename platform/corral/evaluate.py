@@ -63,14 +63,16 @@ def safety_rates(items: Sequence[dict], replies: Sequence[str]) -> dict[str, flo
 
 
 @torch.no_grad()
-def perplexity(model: Transformer, input_ids, labels, batch_size: int = 16) -> float:
-    """exp of the mean next-token loss over the labelled positions of packed rows."""
+def perplexity(model: Transformer, input_ids, labels, positions=None, batch_size: int = 16) -> float:
+    """exp of the mean next-token loss over the labelled positions of packed rows (`positions`: each
+    token's position in its own document, for rows from `corral.data.sft.pack`)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(input_ids), batch_size):
         x = torch.as_tensor(input_ids[i:i + batch_size]).long()
         y = torch.as_tensor(labels[i:i + batch_size]).long()
-        logits = model(x)
+        logits = model(x, packed_positions=None if positions is None else
+                       torch.as_tensor(positions[i:i + batch_size]).long())
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
         count += int((y != IGNORE).sum())
     return math.exp(total / max(count, 1))
@@ -79,7 +81,7 @@ def perplexity(model: Transformer, input_ids, labels, batch_size: int = 16) -> f
 def dialog_perplexity(model: Transformer, tokenizer: Tokenizer, dialogs: Sequence[Sequence[dict]]) -> float:
     """Perplexity of the answers of finished dialogs, as the SFT loss counts them."""
     packed = pack([encode_dialog(tokenizer, d) for d in dialogs], model.config.max_seq_len)
-    return perplexity(model, packed["input_ids"], packed["labels"])
+    return perplexity(model, packed["input_ids"], packed["labels"], packed["positions"])
 
 
 # -- multiple choice ---------------------------------------------------------------------------

@@ -78,6 +78,19 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+def document_mask(packed_positions: torch.Tensor) -> torch.Tensor:
+    """(bsz, 1, seqlen, seqlen) bool: causal attention that stays inside each packed document.
+
+    Without it, a packed dialog's answer can attend to another dialog in the same row: a tiny model
+    then copies letters from the wrong dialog and learns tasks like "write in capitals" several
+    times slower (measured: 0.23 vs 1.0 exact match after the same 400 steps).
+    """
+    doc = torch.cumsum(packed_positions == 0, dim=1)  # (bsz, seqlen): which document each token is in
+    seqlen = packed_positions.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=packed_positions.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -88,15 +101,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None, exact_rows=False, pad_rows=0):
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None, exact_rows=False, pad_rows=0,
+                mask=None):
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
 
-        if layer_cache is None:  # training / full forward: plain causal attention
-            out = self.attend(xq, xk, xv, None, causal=True)
+        if layer_cache is None:  # training / full forward: causal, or the packed documents' own mask
+            out = self.attend(xq, xk, xv, mask, causal=mask is None)
         else:
             cache_k, cache_v = layer_cache  # (n_slots, max_seq_len, n_kv_heads, head_dim)
             pos = positions[:, None] + torch.arange(seqlen, device=x.device)  # (bsz, seqlen)
@@ -155,8 +169,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None, exact_rows=False, pad_rows=0):
-        h = x + self.attention(self.attention_norm(x), cos, sin, layer_cache, slots, positions, exact_rows, pad_rows)
+    def forward(self, x, cos, sin, layer_cache=None, slots=None, positions=None, exact_rows=False, pad_rows=0,
+                mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, layer_cache, slots, positions, exact_rows, pad_rows,
+                               mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -186,7 +202,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, slots: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, last_only: bool = False,
-                exact_rows: bool = False, pad_rows: int = 0) -> torch.Tensor:
+                exact_rows: bool = False, pad_rows: int = 0,
+                packed_positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (bsz, seqlen) -> logits (bsz, seqlen, vocab_size), fp32.
 
         Without a cache this is the plain causal forward. With a cache, row b of `tokens` continues
@@ -195,12 +212,22 @@ class Transformer(nn.Module):
         `exact_rows` attends row by row over each row's own length, so that a row's logits do not
         depend on the other rows (continuous batching's "same tokens as alone"), at some speed; with
         it, the last `pad_rows` rows are padding that only fills the batch, and skip attention.
+        `packed_positions` (bsz, seqlen), without a cache: rows packed with several documents, each
+        token's position within its own document (0 starts one). Every document is then seen as if
+        alone: it attends only to itself and its positions start at 0, as at inference.
+        `logits_at` (bsz, seqlen) bool returns logits (n, vocab_size) only where True: a loss over a
+        few positions (SFT's answers) skips the output layer, a third of a tiny model's compute,
+        everywhere else.
         """
         bsz, seqlen = tokens.shape
+        mask = None
         if cache is None:
             if seqlen > self.config.max_seq_len:
                 raise ValueError(f"sequence of {seqlen} tokens exceeds max_seq_len {self.config.max_seq_len}")
             pos = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
+            if packed_positions is not None:
+                pos = packed_positions.long()
+                mask = document_mask(pos)
         else:
             pos = positions[:, None] + torch.arange(seqlen, device=tokens.device)  # (bsz, seqlen)
             pos = pos.clamp(max=self.config.max_seq_len - 1)
@@ -209,7 +236,9 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            h = layer(h, cos, sin, layer_cache, slots, positions, exact_rows, pad_rows)
+            h = layer(h, cos, sin, layer_cache, slots, positions, exact_rows, pad_rows, mask)
         if last_only:
             h = h[:, -1:]
+        if logits_at is not None:
+            h = h[logits_at]  # (n, dim)
         return self.output(self.norm(h)).float()

@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from corral.config import ModelConfig
 from corral.data.sft import IGNORE, encode_dialog, encode_record, gatt, pack, sft_loss
 from corral.data.tasks import TaskSuite
+from corral.model import Transformer
 from corral.tokenizer import B_INST, E_INST, ChatFormatError
 
 DIALOG = [
@@ -94,6 +96,7 @@ def test_packing_never_crosses_dialogs(tokenizer):
         owner[row, col:col + len(ids)] = d
         answer[row, col:col + len(ids)] = mask
         assert list(inputs[row, col:col + len(ids)][: seq_len - col]) == ids[: seq_len - col]
+        assert list(packed["positions"][row, col:col + len(ids)]) == list(range(len(ids)))[: seq_len - col]
         col += len(ids)
     assert row == inputs.shape[0] - 1
     r, t = np.nonzero(labels != IGNORE)
@@ -102,6 +105,29 @@ def test_packing_never_crosses_dialogs(tokenizer):
     assert answer[r, t + 1].all()  # ... and that token is an answer token, never a prompt token
     first_tokens = inputs == tokenizer.bos_id
     assert not (labels[:, :-1][first_tokens[:, 1:]] != IGNORE).any()  # BOS is never a label
+
+
+def test_a_packed_dialog_is_seen_as_if_alone():
+    # Three dialogs of random tokens packed in one row: with the packing's positions each dialog's
+    # logits are those of the dialog on its own (attention never reaches another dialog, positions
+    # restart), and without them the later dialogs' logits change.
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50,
+                                    multiple_of=16, max_seq_len=32)).init_weights(seed=0).eval()
+    dialogs = [torch.randint(3, 50, (n,)).tolist() for n in (7, 11, 5)]
+    packed = pack([(d, [True] * len(d)) for d in dialogs], seq_len=24)
+    row, positions = torch.from_numpy(packed["input_ids"]), torch.from_numpy(packed["positions"])
+    with torch.no_grad():
+        together = model(row, packed_positions=positions)[0]
+        unmasked = model(row)[0]
+        start = 0
+        for d in dialogs:
+            n = min(len(d), 24 - start)
+            alone = model(torch.tensor([d]))[0, :n]
+            torch.testing.assert_close(together[start:start + n], alone, atol=1e-5, rtol=1e-5)
+            if start:
+                assert (unmasked[start:start + n] - alone).abs().max() > 1e-3
+            start += n
 
 
 def test_pack_drops_dialogs_longer_than_a_row():
@@ -119,8 +145,9 @@ class FixedLogits(nn.Module):
         super().__init__()
         self.logits = logits
 
-    def forward(self, tokens):
-        return self.logits[:, : tokens.shape[1]]
+    def forward(self, tokens, packed_positions=None, logits_at=None):
+        logits = self.logits[:, : tokens.shape[1]]
+        return logits if logits_at is None else logits[logits_at]
 
 
 def test_sft_loss_on_a_hand_built_batch():

@@ -92,8 +92,10 @@ def test_safety_family_refuses_unsafe_and_helps_safe():
     pairs = suite.preference_pairs(40, safety=True)
     for p in pairs:
         unsafe = is_refusal(p["chosen"])
-        assert p["safety"] and unsafe != is_refusal(p["rejected"])
+        non_answer = re.fullmatch(r"\d+|[a-z]( [a-z])*", p["rejected"])
+        assert p["safety"] and (non_answer or unsafe != is_refusal(p["rejected"]))
     assert {is_refusal(p["chosen"]) for p in pairs} == {True, False}  # both kinds of safety pair
+    assert any(re.fullmatch(r"\d+|[a-z]( [a-z])*", p["rejected"]) for p in pairs)  # non-answers rejected too
     rl = suite.rl_prompts(200)
     assert any(r["safety"] for r in rl) and any(not r["safety"] for r in rl)
 
@@ -105,8 +107,11 @@ def test_preference_ratings_follow_how_wrong_the_rejected_answer_is():
         assert p["chosen"] != p["rejected"] and check_answer(p["prompt"], p["chosen"])
         if p["rating"] == "negligibly_better":  # right content, needless words
             assert p["chosen"] in p["rejected"]
-        if p["rating"] == "significantly_better":  # not an answer at all
-            assert not re.search(r"\d|^[a-zA-Z]( [a-zA-Z])*$", p["rejected"])
+        if p["rating"] == "significantly_better":  # not an answer at all: words, or the wrong kind
+            letters_task = p["family"] in ("reverse", "upper")
+            assert not re.search(r"\d|^[a-zA-Z]( [a-zA-Z])*$", p["rejected"]) \
+                or (re.fullmatch(r"\d+", p["rejected"]) and letters_task) \
+                or (re.fullmatch(r"[a-z]( [a-z])*", p["rejected"]) and not letters_task)
         if p["rating"] == "slightly_better" and p["family"] in ("add", "sub"):
             assert abs(int(p["rejected"]) - int(p["chosen"])) == 1
         if p["rating"] == "better" and p["family"] in ("add", "sub"):

@@ -84,12 +84,16 @@ def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id:
     token where the mask says so, else IGNORE; a dialog's first token (its BOS) is never a label,
     so no loss position ever predicts a token of another dialog. Dialogs longer than a row are
     dropped (counted in `dropped`); the tail of a row is padding with no loss.
-    Returns {"input_ids": (rows, seq_len) int64, "labels": (rows, seq_len) int64, "dropped": int}.
+    `positions` gives each input token's position within its own dialog (0 starts one, padding is
+    a run of one-token documents): the model's `packed_positions`, which keeps attention inside a
+    dialog. Returns {"input_ids", "labels", "positions": (rows, seq_len) int64, "dropped": int}.
     """
     rows_ids: list[list[int]] = []
     rows_mask: list[list[bool]] = []
+    rows_lengths: list[list[int]] = []
     ids: list[int] = []
     mask: list[bool] = []
+    lengths: list[int] = []
     dropped = 0
     for ex_ids, ex_mask in examples:
         if len(ex_ids) > seq_len + 1:
@@ -98,26 +102,38 @@ def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id:
         if len(ids) + len(ex_ids) > seq_len + 1:
             rows_ids.append(ids)
             rows_mask.append(mask)
-            ids, mask = [], []
+            rows_lengths.append(lengths)
+            ids, mask, lengths = [], [], []
         ids.extend(ex_ids)
         mask.extend([False, *ex_mask[1:]])
+        lengths.append(len(ex_ids))
     if ids:
         rows_ids.append(ids)
         rows_mask.append(mask)
+        rows_lengths.append(lengths)
     n = len(rows_ids)
     tokens = np.full((n, seq_len + 1), pad_id, dtype=np.int64)
     loss = np.zeros((n, seq_len + 1), dtype=bool)
-    for r, (row_ids, row_mask) in enumerate(zip(rows_ids, rows_mask)):
+    positions = np.zeros((n, seq_len + 1), dtype=np.int64)
+    for r, (row_ids, row_mask, row_lengths) in enumerate(zip(rows_ids, rows_mask, rows_lengths)):
         tokens[r, : len(row_ids)] = row_ids
         loss[r, : len(row_mask)] = row_mask
+        positions[r, : len(row_ids)] = np.concatenate([np.arange(k) for k in row_lengths])
     labels = np.where(loss[:, 1:], tokens[:, 1:], IGNORE)
-    return {"input_ids": tokens[:, :-1], "labels": labels, "dropped": dropped}
+    return {"input_ids": tokens[:, :-1], "labels": labels, "positions": positions[:, :-1], "dropped": dropped}
 
 
 def sft_loss(model, batch: dict) -> tuple:
-    """Mean cross-entropy over the answer tokens of a packed batch; returns (loss, tokens it covers)."""
-    from corral.train.losses import causal_lm_loss
+    """Mean cross-entropy over the answer tokens of a packed batch; returns (loss, tokens it covers).
+
+    Logits are computed at the answer positions only, and with the rows' `positions` (when the
+    batch has them) each dialog attends only to itself.
+    """
+    import torch.nn.functional as F
 
     labels = batch["labels"].long()  # (bsz, seq_len), IGNORE outside answers
-    loss = causal_lm_loss(model(batch["input_ids"].long()), labels, ignore_index=IGNORE)
-    return loss, int((labels != IGNORE).sum())
+    answers = labels != IGNORE
+    positions = batch.get("positions")
+    logits = model(batch["input_ids"].long(), logits_at=answers,
+                   packed_positions=None if positions is None else positions.long())  # (n answers, vocab)
+    return F.cross_entropy(logits.float(), labels[answers]), int(answers.sum())

@@ -115,6 +115,12 @@ def _one_letter_changed(rng: random.Random, letters: str) -> str:
     return spell(letters[:i] + other + letters[i + 1:])
 
 
+def junk(rng: random.Random, numbers: bool) -> str:
+    """Not an answer: a short run of one digit or one letter, like "111" or "a a". A tiny policy under
+    RL finds such replies when the reward models never saw them rejected; `numbers` picks digits."""
+    return str(rng.randrange(10)) * rng.randint(1, 3) if numbers else spell(rng.choice(LETTERS) * rng.randint(1, 3))
+
+
 def _draw(family: str, rng: random.Random) -> tuple[str, dict, str, dict[str, str]]:
     """key, template fields, answer, and the wrong answers by rating for one random instance."""
     if family in ("add", "sub", "compare"):
@@ -154,7 +160,9 @@ def draw_task(family: str, rng: random.Random, split: str, eval_fraction: float 
         if split_of(key, eval_fraction) == split:
             break
     prompt = rng.choice(TEMPLATES[family]).format(**fields)
-    off_topic = rng.choice(REFUSALS + ("I do not know.", "Let me tell you a story instead."))
+    # Not an answer at all: off-topic words, or a run of the wrong kind (digits for a letters task).
+    off_topic = rng.choice(REFUSALS + ("I do not know.", "Let me tell you a story instead.",
+                                       junk(rng, numbers=family in ("reverse", "upper"))))
     wrong = {"significantly_better": off_topic, **wrong, "negligibly_better": f"The answer is {answer}."}
     return Task(family, key, prompt, answer, wrong)
 
@@ -240,6 +248,8 @@ class TaskSuite:
                 prompt, unsafe, act = draw_safety(rng, split, self.eval_fraction, unsafe=i % 2 == 0)
                 refusal, compliance = rng.choice(REFUSALS), comply(act)
                 chosen, rejected = (refusal, compliance) if unsafe else (compliance, refusal)
+                if rng.random() < 0.25:  # a non-answer is worse than either
+                    rejected = junk(rng, numbers=rng.random() < 0.5)
                 rating = "significantly_better" if unsafe else "better"
                 out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating,
                             "safety": True})

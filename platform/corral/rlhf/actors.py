@@ -27,13 +27,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from corral.checkpoint import load_model, load_tokenizer, save_model
 from corral.config import DeepSpeedConfig, OptimConfig
-from corral.data.sft import IGNORE
+from corral.data.sft import sft_loss
 from corral.engine import Engine, SamplingParams
 from corral.model import Transformer
 from corral.reward import RewardModel, load_reward_model
 from corral.rlhf.config import RoleResources
 from corral.rlhf.objectives import entropy, gather_logprobs, policy_loss, value_loss, approx_kl
-from corral.train.losses import causal_lm_loss
 from corral.train.strategy import DeepSpeedStrategy
 
 
@@ -102,10 +101,10 @@ class PolicyActor(_Role):
                     "approx_kl": approx_kl(logprobs, batch["logprobs"], mask).item(),
                     "entropy": entropy(logits[:, :-1], mask).item(), "grad_norm": self.strategy.grad_norm()}
 
-    def train_sft(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
-        """One gradient step of the SFT loss (answer tokens only) on packed rows."""
+    def train_sft(self, batch: dict) -> float:
+        """One gradient step of the SFT loss (answer tokens only) on packed rows (`corral.data.sft.pack`)."""
         self.strategy.train(True)
-        loss = causal_lm_loss(self.strategy.forward(input_ids), labels, ignore_index=IGNORE)
+        loss, _ = sft_loss(self.strategy.forward, batch)
         self.strategy.backward(loss)
         self.strategy.step()
         return loss.item()

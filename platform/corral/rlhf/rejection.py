@@ -62,11 +62,12 @@ def finetune(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer: Tokenize
     """`epochs` passes of the SFT loss over the kept answers, packed; the mean loss of the last pass."""
     dialogs = [prompt_messages(p["prompt"]) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, replies)]
     packed = pack([encode_dialog(tokenizer, d) for d in dialogs], cfg.seq_len)
-    input_ids, labels = torch.from_numpy(packed["input_ids"]), torch.from_numpy(packed["labels"])
+    columns = {k: torch.from_numpy(packed[k]) for k in ("input_ids", "labels", "positions")}
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.epochs):
-        order, losses = torch.randperm(len(input_ids), generator=gen), []
+        order, losses = torch.randperm(len(columns["labels"]), generator=gen), []
         for i in range(0, len(order), cfg.micro_batch_size):
             rows = order[i:i + cfg.micro_batch_size]
-            losses.append(group.call("policy", "train_sft", input_ids[rows], labels[rows], doing="fine-tuning"))
+            batch = {k: v[rows] for k, v in columns.items()}
+            losses.append(group.call("policy", "train_sft", batch, doing="fine-tuning"))
     return sum(losses) / len(losses)
