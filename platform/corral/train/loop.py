@@ -59,24 +59,31 @@ class TrainJob:
 class ShardStream:
     """This rank's slice of every global micro-batch of a dataset, epoch after epoch.
 
-    Its state is the data position: (epoch, global micro-batches consumed in that epoch).
+    Its state is the data position: (epoch, global micro-batches consumed in that epoch). Ray Data
+    hands over whole global micro-batches, as many as fit in `rows_per_read` rows: its cost per
+    batch handed over would otherwise double a tiny model's step time.
     """
 
-    def __init__(self, shard, micro_batch_size: int, rank: int, world_size: int):
+    def __init__(self, shard, micro_batch_size: int, rank: int, world_size: int, rows_per_read: int = 256):
         self.shard, self.mb, self.rank, self.world_size = shard, micro_batch_size, rank, world_size
+        self.per_read = max(1, rows_per_read // (micro_batch_size * world_size))  # global batches per read
         self.epoch, self.batch_in_epoch = 0, 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        per_batch = self.mb * self.world_size
         while True:
-            start = self.batch_in_epoch
-            epoch = self.shard.iter_torch_batches(batch_size=self.mb * self.world_size, drop_last=True,
-                                                  prefetch_batches=1)
+            start, i = self.batch_in_epoch, 0
+            epoch = self.shard.iter_torch_batches(batch_size=per_batch * self.per_read, prefetch_batches=1)
             try:
-                for i, batch in enumerate(epoch):
-                    if i < start:  # trained on before the checkpoint we resumed from
-                        continue
-                    self.batch_in_epoch = i + 1
-                    yield {k: v[self.rank * self.mb:(self.rank + 1) * self.mb] for k, v in batch.items()}
+                for chunk in epoch:
+                    rows = len(next(iter(chunk.values())))
+                    for offset in range(0, rows - per_batch + 1, per_batch):  # whole global batches only
+                        i += 1
+                        if i <= start:  # trained on before the checkpoint we resumed from
+                            continue
+                        self.batch_in_epoch = i
+                        lo = offset + self.rank * self.mb
+                        yield {k: v[lo:lo + self.mb] for k, v in chunk.items()}
             finally:  # stop Ray Data's streaming read when the consumer stops early
                 getattr(epoch, "close", lambda: None)()
             if self.batch_in_epoch == 0:
@@ -119,6 +126,7 @@ def train_worker(config: dict) -> None:
 
     job: TrainJob = config["job"]
     loop = job.loop
+    quiet_data_progress()
     if job.tracking_uri:  # this process only trains: point its MLflow client at the run's server
         os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
     torch.manual_seed(loop.seed)
@@ -214,6 +222,14 @@ def report_progress(job: TrainJob, progress: Progress, metrics: dict, resumed_fr
     sys.stderr.flush()
 
 
+def quiet_data_progress() -> None:
+    """No Ray Data progress bars while training: a worker re-reads its data every epoch, and the
+    bars' redraws fill job logs with cursor codes (and cost CPU on a 2-core machine)."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
 def fit(job: TrainJob, datasets: dict):
     """Run `job` on a Ray Train TorchTrainer; resumes from the run's latest checkpoint if there is one.
 
@@ -223,6 +239,7 @@ def fit(job: TrainJob, datasets: dict):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    quiet_data_progress()
     r = job.resources
     trainer = TorchTrainer(
         train_worker,

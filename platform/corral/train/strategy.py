@@ -79,11 +79,18 @@ class DeepSpeedStrategy:
         Under Ray Train the group already exists; a standalone script gets a world of one.
         """
         import deepspeed
+        import deepspeed.ops
 
         if not dist.is_initialized():
             for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                                  ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
                 os.environ.setdefault(var, default)
+        if not torch.cuda.is_available():
+            # On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce when a process group
+            # starts: ~100 s on 2 cores, repeated whenever another process built it with other
+            # flags, under a file lock that a killed process leaves behind (every later start
+            # then waits forever). Only its `inference_all_reduce` uses it; training does not.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
     @property
