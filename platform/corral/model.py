@@ -82,8 +82,8 @@ def document_mask(packed_positions: torch.Tensor) -> torch.Tensor:
     """(bsz, 1, seqlen, seqlen) bool: causal attention that stays inside each packed document.
 
     Without it, a packed dialog's answer can attend to another dialog in the same row: a tiny model
-    then copies letters from the wrong dialog and learns tasks like "write in capitals" several
-    times slower (measured: 0.23 vs 1.0 exact match after the same 400 steps).
+    then copies letters from the wrong dialog (measured on the task suite: exact match 0.24 after
+    2,800 SFT steps without the mask, 0.46-0.49 after 3,000 with it).
     """
     doc = torch.cumsum(packed_positions == 0, dim=1)  # (bsz, seqlen): which document each token is in
     seqlen = packed_positions.shape[1]
