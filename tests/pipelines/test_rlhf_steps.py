@@ -65,8 +65,8 @@ def models(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("rlhf-models")
     suite = TaskSuite(0)
     packed = pack([encode_record(tokenizer, r) for r in suite.sft_dialogs(800)], SMALL.max_seq_len)
-    rows = [{"input_ids": torch.from_numpy(packed["input_ids"][i:i + 8]),
-             "labels": torch.from_numpy(packed["labels"][i:i + 8])} for i in range(0, len(packed["labels"]), 8)]
+    rows = [{k: torch.from_numpy(packed[k][i:i + 8]) for k in ("input_ids", "labels", "positions")}
+            for i in range(0, len(packed["labels"]), 8)]
     lm = Transformer(SMALL).init_weights(seed=0)
     warm_start(lm, rows, 120, 3e-3, lambda m, b: sft_loss(m, b)[0])
     save_model(lm, root / "sft", tokenizer, metadata={"stage": "test-warm-start"})
@@ -164,7 +164,9 @@ def test_rejection_sampling_round_logs_and_fine_tunes(ray_cluster, mlflow_server
 
     out = rejection_sampling.run(rl_config(models, tmp_path, rounds=2, samples_per_prompt=4, epochs=2,
                                            micro_batch_size=8, seq_len=96,
-                                           optim={"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"}), {})
+                                           # 1e-3 and 3e-4 pulled this weak policy toward its own over-scored
+                                           # samples (held-out reward fell), as 2e-4 did in the tiny spec
+                                           optim={"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"}), {})
     run = tracking.client().get_run(out["mlflow_run_id"])
     for key in ("sample_reward_mean", "sample_reward_max", "best_minus_mean", "kept_accuracy", "sft_loss"):
         assert len(tracking.metric_history(run.info.run_id, key)) == 2, key
