@@ -65,8 +65,8 @@ def models(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("rlhf-models")
     suite = TaskSuite(0)
     packed = pack([encode_record(tokenizer, r) for r in suite.sft_dialogs(800)], SMALL.max_seq_len)
-    rows = [{k: torch.from_numpy(packed[k][i:i + 8]) for k in ("input_ids", "labels", "positions")}
-            for i in range(0, len(packed["labels"]), 8)]
+    rows = [{"input_ids": torch.from_numpy(packed["input_ids"][i:i + 8]),
+             "labels": torch.from_numpy(packed["labels"][i:i + 8])} for i in range(0, len(packed["labels"]), 8)]
     lm = Transformer(SMALL).init_weights(seed=0)
     warm_start(lm, rows, 120, 3e-3, lambda m, b: sft_loss(m, b)[0])
     save_model(lm, root / "sft", tokenizer, metadata={"stage": "test-warm-start"})
