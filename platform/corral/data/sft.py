@@ -90,10 +90,10 @@ def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id:
     """
     rows_ids: list[list[int]] = []
     rows_mask: list[list[bool]] = []
-    rows_lengths: list[list[int]] = []
+    rows_pos: list[list[int]] = []
     ids: list[int] = []
     mask: list[bool] = []
-    lengths: list[int] = []
+    pos: list[int] = []
     dropped = 0
     for ex_ids, ex_mask in examples:
         if len(ex_ids) > seq_len + 1:
@@ -102,23 +102,23 @@ def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id:
         if len(ids) + len(ex_ids) > seq_len + 1:
             rows_ids.append(ids)
             rows_mask.append(mask)
-            rows_lengths.append(lengths)
-            ids, mask, lengths = [], [], []
+            rows_pos.append(pos)
+            ids, mask, pos = [], [], []
         ids.extend(ex_ids)
         mask.extend([False, *ex_mask[1:]])
-        lengths.append(len(ex_ids))
+        pos.extend(range(len(ex_ids)))
     if ids:
         rows_ids.append(ids)
         rows_mask.append(mask)
-        rows_lengths.append(lengths)
+        rows_pos.append(pos)
     n = len(rows_ids)
     tokens = np.full((n, seq_len + 1), pad_id, dtype=np.int64)
     loss = np.zeros((n, seq_len + 1), dtype=bool)
     positions = np.zeros((n, seq_len + 1), dtype=np.int64)
-    for r, (row_ids, row_mask, row_lengths) in enumerate(zip(rows_ids, rows_mask, rows_lengths)):
+    for r, (row_ids, row_mask, row_pos) in enumerate(zip(rows_ids, rows_mask, rows_pos)):
         tokens[r, : len(row_ids)] = row_ids
         loss[r, : len(row_mask)] = row_mask
-        positions[r, : len(row_ids)] = np.concatenate([np.arange(k) for k in row_lengths])
+        positions[r, : len(row_pos)] = row_pos
     labels = np.where(loss[:, 1:], tokens[:, 1:], IGNORE)
     return {"input_ids": tokens[:, :-1], "labels": labels, "positions": positions[:, :-1], "dropped": dropped}
 
