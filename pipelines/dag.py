@@ -224,14 +224,15 @@ def progress_lines(parent_run_id: str) -> list[str]:
         m, params = run.data.metrics, run.data.params
         if "loss" not in m:
             continue
-        step = int(run.data.metrics.get("step", 0)) or len(tracking.client().get_metric_history(run.info.run_id, "loss"))
-        total = int(params.get("loop.max_steps", 0) or 0)
-        tps = m.get("tokens_per_s", 0.0)
+        history = tracking.client().get_metric_history(run.info.run_id, "loss")  # one point per log_every
+        first, last = min(history, key=lambda h: h.step), max(history, key=lambda h: h.step)
+        total = int(params.get("max_steps_resolved") or params.get("loop.max_steps") or 0)
         eta = ""
-        if total and step and "elapsed_s" in m:
-            eta = f" ETA {m['elapsed_s'] / step * (total - step):.0f}s"
-        lines.append(f"  {run.data.tags.get(STEP_TAG)}: step {step}/{total or '?'} loss {m['loss']:.3f} "
-                     f"{tps:,.0f} tok/s{eta}")
+        if total and last.step > first.step:
+            per_step_s = (last.timestamp - first.timestamp) / 1000 / (last.step - first.step)
+            eta = f" ETA {per_step_s * (total - last.step):.0f}s"
+        lines.append(f"  {run.data.tags.get(STEP_TAG)}: step {last.step}/{total or '?'} loss {m['loss']:.3f} "
+                     f"{m.get('tokens_per_s', 0.0):,.0f} tok/s{eta}")
     return lines
 
 

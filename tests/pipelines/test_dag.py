@@ -104,3 +104,16 @@ def test_failed_step_skips_dependents_and_the_cli_exits_non_zero(ray_cluster, ml
     r = subprocess.run([sys.executable, "-m", "corral.cli", "pipeline", "status", "--experiment", "dag-test"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and "dag-fail (FAILED)" in r.stdout and "skipped" in r.stdout
+
+
+def test_progress_lines_read_the_step_total_and_eta_from_mlflow(mlflow_server):
+    from mlflow.entities import Metric, Param
+
+    parent = tracking.start_run("progress-test", "pipeline")
+    child = tracking.start_run("progress-test", "sft", parent_run_id=parent, tags={dag.STEP_TAG: "sft"})
+    tracking.client().log_batch(child, params=[Param("loop.max_steps", "1000"), Param("max_steps_resolved", "300")])
+    # loss logged every 10 steps, one second apart: 0.1 s a step
+    tracking.client().log_batch(child, metrics=[Metric("loss", 2.0 - s / 100, 1_000_000 + s * 100, s)
+                                                for s in (10, 20, 30)] + [Metric("tokens_per_s", 900.0, 1_003_000, 30)])
+    [line] = dag.progress_lines(parent)
+    assert line.strip() == "sft: step 30/300 loss 1.700 900 tok/s ETA 27s", line

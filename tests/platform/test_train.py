@@ -58,15 +58,38 @@ def test_pretrain_loss_shifts_targets_by_one():
 
 
 @pytest.mark.slow
-def test_strategy_checkpoint_resumes_exactly(tmp_path, monkeypatch):
-    """ZeRO-3 + bf16 in one process: save after 3 steps, load into a fresh engine, same next losses."""
+def free_master_port(monkeypatch) -> None:
     import socket
-
-    from corral.train.strategy import DeepSpeedStrategy
 
     with socket.socket() as sock:  # a free port for this process's gloo group
         sock.bind(("127.0.0.1", 0))
         monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
+
+
+def test_strategy_reports_the_gradient_norm_before_clipping_in_fp32(monkeypatch):
+    """ZeRO-0 fp32: DeepSpeed clips without keeping the norm; the strategy measures it."""
+    from corral.train.strategy import DeepSpeedStrategy
+
+    free_master_port(monkeypatch)
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=32)
+    batch = {"tokens": torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(0))}
+    reference = Transformer(config).init_weights(seed=0)
+    pretrain_loss(reference, batch)[0].backward()
+    expected = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in reference.parameters())).item()
+    s = DeepSpeedStrategy(DeepSpeedConfig(zero_stage=0, bf16=False), OptimConfig(lr=1e-3, warmup_steps=1),
+                          micro_batch_size=4, max_steps=10)
+    model = s.prepare(Transformer(config).init_weights(seed=0))
+    s.backward(pretrain_loss(model, batch)[0])
+    s.step()
+    assert expected > 1.0  # clipped at 1.0: the reported norm is the one before clipping
+    assert s.grad_norm() == pytest.approx(expected, rel=1e-4)
+
+
+def test_strategy_checkpoint_resumes_exactly(tmp_path, monkeypatch):
+    """ZeRO-3 + bf16 in one process: save after 3 steps, load into a fresh engine, same next losses."""
+    from corral.train.strategy import DeepSpeedStrategy
+
+    free_master_port(monkeypatch)
     config = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=32)
     gen = torch.Generator().manual_seed(0)
     batches = [{"tokens": torch.randint(0, 16, (4, 17), generator=gen)} for _ in range(5)]  # learnable: 16 of 256 ids

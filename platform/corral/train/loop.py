@@ -222,12 +222,14 @@ def report_progress(job: TrainJob, progress: Progress, metrics: dict, resumed_fr
     sys.stderr.flush()
 
 
-def quiet_data_progress() -> None:
+def quiet_data_progress(*datasets) -> None:
     """No Ray Data progress bars while training: a worker re-reads its data every epoch, and the
-    bars' redraws fill job logs with cursor codes (and cost CPU on a 2-core machine)."""
+    bars' redraws fill job logs with cursor codes (and cost CPU on a 2-core machine). A dataset
+    carries the context it was made under, so the ones given are quietened too."""
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
+    for context in [DataContext.get_current()] + [ds.context for ds in datasets]:
+        context.enable_progress_bars = False
 
 
 def fit(job: TrainJob, datasets: dict):
@@ -239,7 +241,7 @@ def fit(job: TrainJob, datasets: dict):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    quiet_data_progress()
+    quiet_data_progress(*datasets.values())
     r = job.resources
     trainer = TorchTrainer(
         train_worker,

@@ -70,6 +70,7 @@ class DeepSpeedStrategy:
         self.ds, self.optim = ds, optim
         self.micro_batch_size, self.max_steps = micro_batch_size, max_steps
         self.engine = None
+        self._measured_grad_norm: torch.Tensor | None = None
 
     # -- process group ---------------------------------------------------------------------------
     @staticmethod
@@ -152,12 +153,17 @@ class DeepSpeedStrategy:
     def step(self) -> bool:
         """Optimizer + schedule step at an accumulation boundary (clipping included); True if it stepped."""
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and not (self.engine.bfloat16_enabled() or self.engine.zero_optimization()):
+            # DeepSpeed's plain fp32 path clips without keeping the norm: measure it here (no sync)
+            norms = [p.grad.norm() for p in self.engine.module.parameters() if p.grad is not None]
+            self._measured_grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
         self.engine.step()
         return boundary
 
     def grad_norm(self) -> float:
         """Global gradient norm before clipping, of the last optimizer step."""
         norm = self.engine.get_global_grad_norm()
+        norm = self._measured_grad_norm if norm is None else norm
         return float(norm) if norm is not None else float("nan")
 
     def lr(self) -> float:
