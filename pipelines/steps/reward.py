@@ -6,7 +6,9 @@ and `run_id`. outputs: `{kind}_reward_model` (a checkpoint `corral.load_reward_m
 independent steps.
 
 Training: the binary ranking loss with a margin by rating. Safety trains on safety pairs with
-`helpfulness_mix` (~10 %) helpfulness pairs mixed in. After training, held-out pairs are scored:
+`helpfulness_mix` (~10 %) helpfulness pairs mixed in, helpfulness on helpfulness pairs with
+`safety_mix` (~10 %) safety pairs: without them PPO found that the helpfulness model scored a
+refusal of a safe request highly, and the tiny policy came to refuse every safe prompt. After training, held-out pairs are scored:
 pairwise accuracy overall and per rating, and the mean reward gap.
 """
 
@@ -63,7 +65,7 @@ def run(config: RewardConfig | dict, inputs: dict) -> dict:
 
 
 def preference_records(cfg: RewardConfig) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) pairs; safety mixes in `helpfulness_mix` helpfulness pairs for training."""
+    """(train, held-out) pairs; each kind mixes in a share of the other's pairs for training."""
     if cfg.data:
         records = [r for path in cfg.data for r in read_records(path, "preferences")]
         if cfg.eval_data:
@@ -74,15 +76,12 @@ def preference_records(cfg: RewardConfig) -> tuple[list[dict], list[dict]]:
         held = [r for r in held if r["safety"] == (cfg.kind == "safety")] or held
     else:
         suite, n, n_eval = TaskSuite(cfg.tasks.seed), cfg.tasks.train_size, cfg.tasks.eval_size
-        on_safety = cfg.kind == "safety"
-        safety = suite.preference_pairs(n, safety=True) if on_safety else []
-        helpful = suite.preference_pairs(n)
-        held = suite.preference_pairs(n_eval, split="eval", safety=on_safety)
-    if cfg.kind == "helpfulness":
-        train = helpful
-    else:
-        n_mix = round(len(safety) * cfg.helpfulness_mix / (1 - cfg.helpfulness_mix))
-        train = safety + random.Random(cfg.loop.seed).sample(helpful, min(n_mix, len(helpful)))
+        safety, helpful = suite.preference_pairs(n, safety=True), suite.preference_pairs(n)
+        held = suite.preference_pairs(n_eval, split="eval", safety=cfg.kind == "safety")
+    own, other, mix = ((helpful, safety, cfg.safety_mix) if cfg.kind == "helpfulness"
+                       else (safety, helpful, cfg.helpfulness_mix))
+    n_mix = round(len(own) * mix / (1 - mix))
+    train = own + random.Random(cfg.loop.seed).sample(other, min(n_mix, len(other)))
     if not train:
         raise ValueError(f"no {cfg.kind} preference pairs to train on (safety pairs have \"safety\": true)")
     random.Random(cfg.loop.seed).shuffle(train)

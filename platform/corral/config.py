@@ -249,6 +249,8 @@ class RewardConfig(BaseModel):
     val_fraction: float = Field(default=0.05, gt=0, lt=1, description="pairs held out of `data` when no eval_data")
     tasks: TaskSuiteConfig = TaskSuiteConfig(train_size=4000, eval_size=400)
     helpfulness_mix: float = Field(default=0.1, ge=0, lt=1, description="share of helpfulness pairs (safety)")
+    safety_mix: float = Field(default=0.1, ge=0, lt=1, description="share of safety pairs (helpfulness; Llama 2's "
+                              "helpfulness model also sees Meta Safety data)")
     margin: str = Field(default="large", pattern="^(large|small|none)$", description="m(rating) in the loss")
     epochs: float = Field(default=1.0, gt=0, description="Llama 2 trains reward models for one epoch")
     output_dir: str | None = Field(default=None, description="None = the pipeline's step directory")

@@ -74,3 +74,16 @@ def test_bad_benchmark_records_are_named(tmp_path):
                     + json.dumps({"question": "q", "choices": ["a", "b"], "answer": 2}) + "\n")
     with pytest.raises(DataFormatError, match=r"mmlu\.jsonl:2: .*answer 2 is not an index into 2 choices"):
         read_records(path, "multiple_choice")
+
+
+@pytest.mark.parametrize("kind, mix_key", [("helpfulness", "safety_mix"), ("safety", "helpfulness_mix")])
+def test_each_reward_model_trains_on_a_share_of_the_other_kinds_pairs(kind, mix_key):
+    from corral.config import RewardConfig
+    from pipelines.steps.reward import preference_records
+
+    train, held = preference_records(RewardConfig(kind=kind, tasks={"train_size": 900, "eval_size": 40}))
+    other = [r for r in train if r["safety"] != (kind == "safety")]
+    assert len(train) == 1000 and len(other) == 100  # 10 %: 100 / (900 + 100)
+    assert all(r["safety"] == (kind == "safety") for r in held)
+    none = preference_records(RewardConfig(kind=kind, tasks={"train_size": 900, "eval_size": 40}, **{mix_key: 0.0}))[0]
+    assert len(none) == 900 and all(r["safety"] == (kind == "safety") for r in none)
