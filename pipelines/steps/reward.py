@@ -8,8 +8,9 @@ independent steps.
 Training: the binary ranking loss with a margin by rating. Safety trains on safety pairs with
 `helpfulness_mix` (~10 %) helpfulness pairs mixed in, helpfulness on helpfulness pairs with
 `safety_mix` (~10 %) safety pairs: without them PPO found that the helpfulness model scored a
-refusal of a safe request highly, and the tiny policy came to refuse every safe prompt. After training, held-out pairs are scored:
-pairwise accuracy overall and per rating, and the mean reward gap.
+refusal of a safe request highly, and the tiny policy came to refuse every safe prompt. After
+training, held-out pairs are scored: pairwise accuracy overall and per rating, and the mean
+reward gap.
 """
 
 from __future__ import annotations

@@ -196,8 +196,8 @@ class Transformer(nn.Module):
         seeds, vs 0.42 from GPT-2's N(0, 0.02) and 0.29 from torchtitan's (N(0, 1) embeddings only).
         """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
-            with torch.no_grad():
+        with torch.no_grad():
+            for name, p in self.named_parameters():
                 if p.dim() == 1:
                     p.fill_(1.0)
                 elif name == "tok_embeddings.weight":

@@ -57,7 +57,6 @@ def test_pretrain_loss_shifts_targets_by_one():
     assert loss.item() > 10
 
 
-@pytest.mark.slow
 def free_master_port(monkeypatch) -> None:
     import socket
 
@@ -85,6 +84,7 @@ def test_strategy_reports_the_gradient_norm_before_clipping_in_fp32(monkeypatch)
     assert s.grad_norm() == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_strategy_checkpoint_resumes_exactly(tmp_path, monkeypatch):
     """ZeRO-3 + bf16 in one process: save after 3 steps, load into a fresh engine, same next losses."""
     from corral.train.strategy import DeepSpeedStrategy
