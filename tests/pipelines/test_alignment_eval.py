@@ -87,3 +87,25 @@ def test_each_reward_model_trains_on_a_share_of_the_other_kinds_pairs(kind, mix_
     assert all(r["safety"] == (kind == "safety") for r in held)
     none = preference_records(RewardConfig(kind=kind, tasks={"train_size": 900, "eval_size": 40}, **{mix_key: 0.0}))[0]
     assert len(none) == 900 and all(r["safety"] == (kind == "safety") for r in none)
+
+
+def test_reward_loss_cuts_the_batch_to_its_longest_dialog_without_changing_the_loss(tokenizer):
+    from corral.reward import RewardModel
+    from pipelines.steps.reward import encode_pairs, reward_loss
+
+    torch.manual_seed(0)
+    rm = RewardModel.from_lm(Transformer(CONFIG).init_weights(seed=3))
+    torch.nn.init.normal_(rm.output.weight)
+    short = [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "7", "rating": "better"}]
+    long = [{"prompt": "Write these letters in reverse order: a b c d e f g h i j k l", "chosen": "l k j i h g f e d c b a",
+             "rejected": "a b", "rating": "significantly_better"}]
+    alone = {k: torch.from_numpy(v) for k, v in encode_pairs(tokenizer, short, "large", 64).items()}
+    padded = {k: torch.from_numpy(v[:1]) for k, v in encode_pairs(tokenizer, short + long, "large", 64).items()}
+    assert padded["chosen"].shape[1] > alone["chosen"].shape[1]  # padded to the longer pair of the set
+    widths = []
+    rm.register_forward_pre_hook(lambda mod, args: widths.append(args[0].shape[1]))
+    loss_alone, tokens_alone = reward_loss(rm, alone)
+    loss_padded, tokens_padded = reward_loss(rm, padded)
+    torch.testing.assert_close(loss_padded, loss_alone)
+    assert tokens_padded == tokens_alone
+    assert widths == [alone["chosen"].shape[1]] * 2  # the forward never saw the set's padding
