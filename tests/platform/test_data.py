@@ -63,6 +63,14 @@ def test_prepare_packs_every_token_and_counts_every_skip(ray_cluster, tokenizer,
     flat = blocks.ravel()
     assert (flat == tokenizer.eos_id).sum() >= 1 and (flat == tokenizer.bos_id).sum() >= 1  # no padding id at all
     assert (tmp_path / "data" / "tokenizer.model").read_bytes() == tokenizer.path.read_bytes()
+    # a split too large to hold in memory streams from the files: the same blocks
+    from ray.data.dataset import MaterializedDataset
+
+    streamed = load_packed(out["data"], "train", in_memory_bytes=0)
+    assert isinstance(load_packed(out["data"], "train"), MaterializedDataset)
+    assert not isinstance(streamed, MaterializedDataset)
+    assert sorted(map(tuple, np.concatenate([b["tokens"] for b in streamed.iter_batches(batch_size=None)]).tolist())) \
+        == sorted(map(tuple, blocks.tolist()))
 
 
 def test_split_is_a_stable_hash_of_the_text():
@@ -82,8 +90,9 @@ def test_numpy_output_reads_back_the_same(ray_cluster, tokenizer, corpus, tmp_pa
     manifest = read_manifest(out["data"])
     expected = len(tokenizer.encode(play.read_bytes().decode("utf-8"), bos=True, eos=True)) // (SEQ_LEN + 1)
     assert manifest["splits"]["train"]["blocks"] == expected
-    batch = next(iter(load_packed(out["data"], "train").iter_batches(batch_size=8)))
-    assert batch["tokens"].shape == (8, SEQ_LEN + 1)
+    for in_memory_bytes in (2**30, 0):  # held in memory, or streamed from the files
+        batch = next(iter(load_packed(out["data"], "train", in_memory_bytes).iter_batches(batch_size=8)))
+        assert batch["tokens"].shape == (8, SEQ_LEN + 1) and batch["tokens"].dtype == np.int32
 
 
 def test_missing_or_empty_corpus_is_a_clear_error_before_ray_work(tmp_path):
