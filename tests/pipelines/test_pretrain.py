@@ -1,7 +1,7 @@
 """The pretrain step for real: Ray Train + DeepSpeed ZeRO-3 on 2 CPU workers, an MLflow server.
 
 One prepared dataset (12 Gutenberg plays, 64-token sequences) serves the whole module. Runs are
-a few dozen steps of the tiny preset; each costs about a minute, mostly Ray Train start-up.
+a few dozen steps of the tiny preset; each costs 30-40 s, mostly Ray Train start-up.
 """
 
 from __future__ import annotations
