@@ -118,11 +118,11 @@ def reward_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
 
     Columns are padded to the longest dialog of the whole set; the batch is cut to its own longest
     (exact: the mask is causal and rewards are read at each dialog's last token). On the task
-    suite's pairs batches of 8 average 45 tokens wide against the set's 62: 28 % less work.
+    suite's pairs batches of 8 average 45 tokens wide against the set's 62: 27 % less work.
     """
     n = batch["chosen"].shape[0]
     lengths = torch.cat([batch["chosen_len"], batch["rejected_len"]]).long()
-    width = int(lengths.max())
+    width = int(lengths.max())  # sync: the batch's width, read on the host
     tokens = torch.cat([batch["chosen"][:, :width], batch["rejected"][:, :width]]).long()  # (2 * bsz, width)
     rewards = model(tokens, lengths)  # (2 * bsz,)
     return ranking_loss(rewards[:n], rewards[n:], batch["margin"]), int(lengths.sum())

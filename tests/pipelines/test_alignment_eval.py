@@ -97,15 +97,14 @@ def test_reward_loss_cuts_the_batch_to_its_longest_dialog_without_changing_the_l
     rm = RewardModel.from_lm(Transformer(CONFIG).init_weights(seed=3))
     torch.nn.init.normal_(rm.output.weight)
     short = [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "7", "rating": "better"}]
-    long = [{"prompt": "Write these letters in reverse order: a b c d e f g h i j k l", "chosen": "l k j i h g f e d c b a",
-             "rejected": "a b", "rating": "significantly_better"}]
+    long = [{"prompt": "Write these letters in reverse order: a b c d e f g h i j k l",
+             "chosen": "l k j i h g f e d c b a", "rejected": "a b", "rating": "significantly_better"}]
     alone = {k: torch.from_numpy(v) for k, v in encode_pairs(tokenizer, short, "large", 64).items()}
     padded = {k: torch.from_numpy(v[:1]) for k, v in encode_pairs(tokenizer, short + long, "large", 64).items()}
     assert padded["chosen"].shape[1] > alone["chosen"].shape[1]  # padded to the longer pair of the set
     widths = []
     rm.register_forward_pre_hook(lambda mod, args: widths.append(args[0].shape[1]))
-    loss_alone, tokens_alone = reward_loss(rm, alone)
-    loss_padded, tokens_padded = reward_loss(rm, padded)
+    loss_alone, _ = reward_loss(rm, alone)
+    loss_padded, _ = reward_loss(rm, padded)
     torch.testing.assert_close(loss_padded, loss_alone)
-    assert tokens_padded == tokens_alone
     assert widths == [alone["chosen"].shape[1]] * 2  # the forward never saw the set's padding

@@ -38,6 +38,18 @@ def mixed_corpus(tmp_path_factory, corpus):
     return d, docs
 
 
+def read_in_order(data_dir, split, in_memory_bytes=None) -> np.ndarray:
+    """Every block of a split in dataset order, as training reads it: held in memory (the default
+    for small splits), or streamed from the shard files with `in_memory_bytes=0`."""
+    from ray.data.dataset import MaterializedDataset
+
+    kwargs = {} if in_memory_bytes is None else {"in_memory_bytes": in_memory_bytes}
+    ds = load_packed(data_dir, split, **kwargs)
+    assert isinstance(ds, MaterializedDataset) == (in_memory_bytes is None)
+    ds.context.execution_options.preserve_order = True  # as fit() asks of Ray Train
+    return np.concatenate([b["tokens"] for b in ds.iter_batches(batch_size=None)])
+
+
 def test_prepare_packs_every_token_and_counts_every_skip(ray_cluster, tokenizer, mixed_corpus, tmp_path):
     from pipelines.steps import prepare_data
 
@@ -57,20 +69,14 @@ def test_prepare_packs_every_token_and_counts_every_skip(ray_cluster, tokenizer,
     val_tokens = sum(len(e) for t, e in zip(docs, encoded) if in_validation(t, 0.3))
     assert 0 < splits["validation"]["tokens"] <= val_tokens  # the hash put some documents there
 
-    blocks = np.concatenate([b["tokens"] for b in load_packed(out["data"], "train").iter_batches(batch_size=None)])
+    blocks = read_in_order(out["data"], "train")
     assert blocks.shape == (splits["train"]["blocks"], SEQ_LEN + 1) and blocks.dtype == np.int32
     assert blocks.min() >= 0 and blocks.max() < tokenizer.vocab_size
     flat = blocks.ravel()
     assert (flat == tokenizer.eos_id).sum() >= 1 and (flat == tokenizer.bos_id).sum() >= 1  # no padding id at all
     assert (tmp_path / "data" / "tokenizer.model").read_bytes() == tokenizer.path.read_bytes()
     # a split too large to hold in memory streams from the files: the same blocks
-    from ray.data.dataset import MaterializedDataset
-
-    streamed = load_packed(out["data"], "train", in_memory_bytes=0)
-    assert isinstance(load_packed(out["data"], "train"), MaterializedDataset)
-    assert not isinstance(streamed, MaterializedDataset)
-    assert sorted(map(tuple, np.concatenate([b["tokens"] for b in streamed.iter_batches(batch_size=None)]).tolist())) \
-        == sorted(map(tuple, blocks.tolist()))
+    assert np.array_equal(read_in_order(out["data"], "train", in_memory_bytes=0), blocks)
 
 
 def test_split_is_a_stable_hash_of_the_text():
@@ -90,9 +96,9 @@ def test_numpy_output_reads_back_the_same(ray_cluster, tokenizer, corpus, tmp_pa
     manifest = read_manifest(out["data"])
     expected = len(tokenizer.encode(play.read_bytes().decode("utf-8"), bos=True, eos=True)) // (SEQ_LEN + 1)
     assert manifest["splits"]["train"]["blocks"] == expected
-    for in_memory_bytes in (2**30, 0):  # held in memory, or streamed from the files
-        batch = next(iter(load_packed(out["data"], "train", in_memory_bytes).iter_batches(batch_size=8)))
-        assert batch["tokens"].shape == (8, SEQ_LEN + 1) and batch["tokens"].dtype == np.int32
+    held = read_in_order(out["data"], "train")
+    assert held.shape == (expected, SEQ_LEN + 1) and held.dtype == np.int32
+    assert np.array_equal(read_in_order(out["data"], "train", in_memory_bytes=0), held)  # streamed from the files
 
 
 def test_missing_or_empty_corpus_is_a_clear_error_before_ray_work(tmp_path):

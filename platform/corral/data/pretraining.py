@@ -241,7 +241,7 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-# Splits up to this size are read whole by the caller and handed to Ray as one in-memory dataset.
+# Splits up to this size are read whole here, in the driver, and handed to Ray as one in-memory dataset.
 # Ray Data's streaming read starts a list task and read tasks in fresh worker processes: on 2 cores
 # that took 9-15 s per split before the first batch (0.1-0.4 s in memory), for files of a few MB.
 IN_MEMORY_BYTES = 64 * 2**20
@@ -249,7 +249,7 @@ IN_MEMORY_BYTES = 64 * 2**20
 
 def load_packed(data_dir: str | os.PathLike, split: str, in_memory_bytes: int = IN_MEMORY_BYTES):
     """The packed blocks of one split, in shard order, as a Ray Dataset with an int32 `tokens` column."""
-    import ray
+    import ray.data  # before pyarrow reads: it registers the tensor type of the `tokens` column
 
     manifest = read_manifest(data_dir)
     files = [str(Path(data_dir) / s["path"]) for s in manifest["splits"][split]["shards"]]
@@ -257,12 +257,13 @@ def load_packed(data_dir: str | os.PathLike, split: str, in_memory_bytes: int = 
         raise CorpusError(f"{data_dir} has no {split} blocks; add documents or change val_fraction")
     parquet = manifest["format"] == "parquet"
     if sum(os.path.getsize(f) for f in files) <= in_memory_bytes:
-        if parquet:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from ray.data.extensions import ArrowTensorArray
 
-            return ray.data.from_arrow(pa.concat_tables([pq.read_table(f) for f in files]))
-        return ray.data.from_numpy(np.concatenate([np.load(f) for f in files])).rename_columns({"data": "tokens"})
+        table = (pa.concat_tables([pq.read_table(f) for f in files]) if parquet else
+                 pa.table({"tokens": ArrowTensorArray.from_numpy(np.concatenate([np.load(f) for f in files]))}))
+        return ray.data.from_arrow(table)
     if parquet:
         return ray.data.read_parquet(files)
     return ray.data.read_numpy(files).rename_columns({"data": "tokens"})
