@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from corral.data.pretraining import CorpusError, in_validation, list_corpus, load_packed, read_manifest
+from corral.data.pretraining import (IN_MEMORY_BYTES, CorpusError, in_validation, list_corpus, load_packed,
+                                     read_manifest)
 
 SEQ_LEN = 64
 
@@ -38,14 +39,13 @@ def mixed_corpus(tmp_path_factory, corpus):
     return d, docs
 
 
-def read_in_order(data_dir, split, in_memory_bytes=None) -> np.ndarray:
+def read_in_order(data_dir, split, in_memory_bytes=IN_MEMORY_BYTES) -> np.ndarray:
     """Every block of a split in dataset order, as training reads it: held in memory (the default
     for small splits), or streamed from the shard files with `in_memory_bytes=0`."""
     from ray.data.dataset import MaterializedDataset
 
-    kwargs = {} if in_memory_bytes is None else {"in_memory_bytes": in_memory_bytes}
-    ds = load_packed(data_dir, split, **kwargs)
-    assert isinstance(ds, MaterializedDataset) == (in_memory_bytes is None)
+    ds = load_packed(data_dir, split, in_memory_bytes)
+    assert isinstance(ds, MaterializedDataset) == (in_memory_bytes > 0)
     ds.context.execution_options.preserve_order = True  # as fit() asks of Ray Train
     return np.concatenate([b["tokens"] for b in ds.iter_batches(batch_size=None)])
 
