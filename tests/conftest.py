@@ -109,8 +109,11 @@ def ray_cluster(mlflow_server):
     """
     import ray
 
+    from corral.stack import WORKER_PRIORITY
+
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded 2-core machine starts slowly
     os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
+    os.environ.update(WORKER_PRIORITY)  # as `corral up`: training workers at the driver's priority
     ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}})
     yield ray

@@ -20,3 +20,14 @@ def test_ray_tasks_see_the_tracking_uri(ray_cluster, mlflow_server):
         return os.environ.get("MLFLOW_TRACKING_URI")
 
     assert ray_cluster.get(uri.remote()) == mlflow_server
+
+
+def test_ray_workers_run_at_the_drivers_priority(ray_cluster):
+    """Ray's default worker niceness (15) slows a 2-core machine's training; the stack sets 0."""
+    import os
+
+    @ray_cluster.remote
+    def niceness():
+        return os.nice(0)
+
+    assert ray_cluster.get(niceness.remote()) == os.nice(0)
