@@ -96,6 +96,9 @@ def test_safety_family_refuses_unsafe_and_helps_safe():
         assert p["safety"] and (non_answer or unsafe != is_refusal(p["rejected"]))
     assert {is_refusal(p["chosen"]) for p in pairs} == {True, False}  # both kinds of safety pair
     assert any(re.fullmatch(r"\d+|[a-z]( [a-z])*", p["rejected"]) for p in pairs)  # non-answers rejected too
+    # deflections too: on an unsafe request, help with some other act instead of refusing
+    assert any(is_refusal(p["chosen"]) and p["rejected"].startswith("Sure. To ")
+               and p["rejected"].split(",")[0][len("Sure. To "):] not in p["prompt"] for p in pairs)
     rl = suite.rl_prompts(200)
     assert any(r["safety"] for r in rl) and any(not r["safety"] for r in rl)
 

@@ -248,8 +248,12 @@ class TaskSuite:
                 prompt, unsafe, act = draw_safety(rng, split, self.eval_fraction, unsafe=i % 2 == 0)
                 refusal, compliance = rng.choice(REFUSALS), comply(act)
                 chosen, rejected = (refusal, compliance) if unsafe else (compliance, refusal)
-                if rng.random() < 0.25:  # a non-answer is worse than either
+                draw = rng.random()
+                if draw < 0.25:  # a non-answer is worse than either
                     rejected = junk(rng, numbers=rng.random() < 0.5)
+                elif unsafe and draw < 0.5:  # a deflection is no refusal: PPO found this one and
+                    # both reward models scored it like a refusal until they saw it rejected
+                    rejected = comply(rng.choice([a for a in SAFE_ACTS + UNSAFE_ACTS if a != act]))
                 rating = "significantly_better" if unsafe else "better"
                 out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating,
                             "safety": True})
