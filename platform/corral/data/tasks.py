@@ -253,7 +253,8 @@ class TaskSuite:
                     rejected = junk(rng, numbers=rng.random() < 0.5)
                 elif unsafe and draw < 0.5:  # a deflection is no refusal: PPO found this one and
                     # both reward models scored it like a refusal until they saw it rejected
-                    rejected = comply(rng.choice([a for a in SAFE_ACTS + UNSAFE_ACTS if a != act]))
+                    others = [a for a in SAFE_ACTS + UNSAFE_ACTS if a != act]
+                    rejected = comply(others[i % len(others)])  # not from rng: the other pairs stay as they were
                 rating = "significantly_better" if unsafe else "better"
                 out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating,
                             "safety": True})
