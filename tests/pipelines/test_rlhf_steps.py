@@ -203,3 +203,30 @@ def test_ppo_stops_at_the_kl_bound_and_keeps_the_last_good_policy(ray_cluster, m
     run = tracking.client().get_run(out["mlflow_run_id"])
     assert "passed max_kl" in run.data.tags["corral.ppo.stopped_early"]
     assert load_model(out["model"]).config == SMALL
+
+
+@pytest.mark.slow
+def test_ppo_ptx_holds_on_to_the_sft_answers(ray_cluster, mlflow_server, models, tokenizer, tmp_path):
+    """PPO-ptx: the same large-step PPO run with and without the SFT term. Without it the policy
+    drifts from the demonstrations; with it the SFT loss on held-out dialogs stays lower."""
+    from pipelines.steps import ppo
+
+    held = pack([encode_record(tokenizer, r) for r in TaskSuite(0).sft_dialogs(64, split="eval")], SMALL.max_seq_len)
+    held = {k: torch.from_numpy(held[k]) for k in ("input_ids", "labels", "positions")}
+
+    def run(coef: float) -> tuple[float, str]:
+        cfg = rl_config(models, tmp_path / f"ptx{coef}", iterations=6, rollout_batch_size=16, minibatch_size=8,
+                        optim={"lr": 2e-3, "warmup_steps": 0, "schedule": "constant"}, max_kl=1e9,
+                        ptx={"coef": coef, "tasks": {"train_size": 200}, "rows_per_step": 4, "seq_len": 96})
+        cfg["prompts"]["n_eval"] = 0
+        out = ppo.run(cfg, {})
+        with torch.no_grad():
+            return sft_loss(load_model(out["model"]), held)[0].item(), out["mlflow_run_id"]
+
+    plain, _ = run(0.0)
+    with_ptx, run_id = run(1.0)
+    ptx_losses = [v for _, v in tracking.metric_history(run_id, "ptx_loss")]
+    assert len(ptx_losses) == 6 and all(math.isfinite(v) for v in ptx_losses)
+    with torch.no_grad():
+        start = sft_loss(load_model(models["policy"]), held)[0].item()
+    assert with_ptx < plain - 0.5, (start, plain, with_ptx)  # measured: 1.42 at the start, 4.15 plain, 1.60 with ptx

@@ -105,3 +105,23 @@ def test_paired_bootstrap_interval():
     assert paired_bootstrap([0.0, 0.2, 0.4], [1.0, 1.2, 1.4]) == pytest.approx((1.0, 1.0, 1.0))
     mean, low, high = paired_bootstrap([0.0] * 40, [0.1 * (i % 2) for i in range(40)])  # differences 0, 0.1, ...
     assert mean == pytest.approx(0.05) and 0.0 < low < 0.05 < high < 0.1
+
+
+def test_ptx_rows_hand_out_every_row_once_per_pass_and_reject_data_that_does_not_fit(tokenizer, tmp_path):
+    from corral.data.sft import IGNORE
+    from corral.rlhf.config import PtxConfig
+    from corral.rlhf.ppo import PtxRows
+
+    rows = PtxRows(PtxConfig(coef=1.0, tasks={"train_size": 40}, rows_per_step=3, seq_len=128), tokenizer, seed=0)
+    assert rows.n >= 6 and set(rows.rows) == {"input_ids", "labels", "positions"}
+    passes = rows.n // 3
+    seen = torch.cat([rows.next()["input_ids"] for _ in range(passes)])
+    assert len({tuple(r.tolist()) for r in seen}) == passes * 3  # no row twice within a pass
+    batch = rows.next()  # past the end of the pass: reshuffled, still full
+    assert batch["labels"].shape == (3, 128) and (batch["labels"] != IGNORE).any()
+
+    data = tmp_path / "long.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "' + "word " * 200 + '"}, '
+                    '{"role": "assistant", "content": "ok"}]}\n')
+    with pytest.raises(ValueError, match="no dialog fits in seq_len 32"):
+        PtxRows(PtxConfig(coef=1.0, data=[str(data)], seq_len=32), tokenizer, seed=0)

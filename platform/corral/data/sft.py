@@ -123,6 +123,14 @@ def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id:
     return {"input_ids": tokens[:, :-1], "labels": labels, "positions": positions[:, :-1], "dropped": dropped}
 
 
+def packed_rows(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int) -> dict:
+    """`pack` as torch tensors, the batch columns `sft_loss` reads: input_ids, labels, positions."""
+    import torch
+
+    packed = pack(examples, seq_len)
+    return {k: torch.from_numpy(packed[k]) for k in ("input_ids", "labels", "positions")}
+
+
 def sft_loss(model, batch: dict) -> tuple:
     """Mean cross-entropy over the answer tokens of a packed batch; returns (loss, tokens it covers).
 

@@ -87,19 +87,26 @@ class PolicyActor(_Role):
         self.strategy.train(False)
         return gather_logprobs(self.strategy.forward(tokens), tokens).cpu()
 
-    def train_ppo(self, batch: dict[str, torch.Tensor], clip: float) -> dict[str, float]:
-        """One gradient step of the clipped surrogate on one minibatch."""
+    def train_ppo(self, batch: dict[str, torch.Tensor], clip: float, ptx: dict | None = None,
+                  ptx_coef: float = 0.0) -> dict[str, float]:
+        """One gradient step of the clipped surrogate on one minibatch, plus `ptx_coef` times the
+        SFT loss on the packed rows `ptx` when given (PPO-ptx)."""
         self.strategy.train(True)
         logits = self.strategy.forward(batch["tokens"])  # (bsz, L, vocab)
         logprobs = gather_logprobs(logits, batch["tokens"])
         mask = batch["mask"]
         loss, clip_fraction = policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask, clip)
+        stats = {"policy_loss": loss.item()}
+        if ptx is not None:
+            ptx_loss, _ = sft_loss(self.strategy.forward, ptx)
+            stats["ptx_loss"] = ptx_loss.item()
+            loss = loss + ptx_coef * ptx_loss
         self.strategy.backward(loss)
         self.strategy.step()
         with torch.no_grad():
-            return {"policy_loss": loss.item(), "clip_fraction": clip_fraction.item(),
-                    "approx_kl": approx_kl(logprobs, batch["logprobs"], mask).item(),
-                    "entropy": entropy(logits[:, :-1], mask).item(), "grad_norm": self.strategy.grad_norm()}
+            return stats | {"clip_fraction": clip_fraction.item(),
+                            "approx_kl": approx_kl(logprobs, batch["logprobs"], mask).item(),
+                            "entropy": entropy(logits[:, :-1], mask).item(), "grad_norm": self.strategy.grad_norm()}
 
     def train_sft(self, batch: dict) -> float:
         """One gradient step of the SFT loss (answer tokens only) on packed rows (`corral.data.sft.pack`)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from corral.config import DeepSpeedConfig, ModelConfig, OptimConfig, TrackingConfig
+from corral.config import DeepSpeedConfig, ModelConfig, OptimConfig, TaskSuiteConfig, TrackingConfig
 
 
 class PromptsConfig(BaseModel):
@@ -70,6 +70,20 @@ class RejectionSamplingConfig(RLStepConfig):
     optim: OptimConfig = OptimConfig(lr=2e-5, warmup_steps=0, schedule="constant")  # the SFT LR, no schedule
 
 
+class PtxConfig(BaseModel):
+    """PPO-ptx (InstructGPT, Ouyang et al. 2022, eq. 2): every policy step adds `coef` times the SFT
+    loss on a few demonstration rows, so RL does not trade away what SFT taught. Llama 2 does not
+    use it (coef 0, the default); a tiny policy needs it, see the tiny spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    coef: float = Field(default=0.0, ge=0, description="weight of the SFT loss in the policy loss; 0 = off")
+    data: list[str] = Field(default=[], description="SFT JSONL/Parquet files; empty = the task suite")
+    tasks: TaskSuiteConfig = TaskSuiteConfig(train_size=4000)
+    rows_per_step: int = Field(default=4, ge=1, description="packed SFT rows beside each policy minibatch")
+    seq_len: int = Field(default=256, ge=8, description="packed SFT row length")
+
+
 class PPOConfig(RLStepConfig):
     """PPO with the Llama 2 reward: WHITEN(LOGIT(R_c)) - beta * KL(pi || pi_ref) per token."""
 
@@ -92,6 +106,7 @@ class PPOConfig(RLStepConfig):
     sample_rows: int = Field(default=8, ge=1)
     optim: OptimConfig = OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant")  # paper: constant 1e-6
     critic_optim: OptimConfig = OptimConfig(lr=5e-6, warmup_steps=0, schedule="constant")  # not in the paper
+    ptx: PtxConfig = PtxConfig()
 
     @model_validator(mode="after")
     def _check_batches(self) -> "PPOConfig":

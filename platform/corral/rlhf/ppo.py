@@ -4,6 +4,8 @@ Each iteration: the policy samples a batch of prompts through the shared engine;
 models score the replies; R = WHITEN(LOGIT(R_c)) on the last token minus beta * KL(pi || pi_ref)
 on every token; GAE (gamma 1, lambda 0.95) with the critic's values; then minibatches, one
 gradient step each, on the policy (clipped surrogate) and the critic (clipped value loss) at once.
+With `ptx.coef` > 0 each policy step also takes that much of the SFT loss on demonstration rows
+(InstructGPT's PPO-ptx), which holds on to what SFT taught while the reward is optimised.
 
 The run stops early, keeping the last good checkpoint, when the mean KL per response passes
 `max_kl` or a loss becomes NaN.
@@ -18,9 +20,12 @@ from pathlib import Path
 import torch
 
 from corral import tracking
+from corral.data.formats import read_records
+from corral.data.sft import encode_record, packed_rows
+from corral.data.tasks import TaskSuite
 from corral.engine import SamplingParams
 from corral.rlhf.actors import CriticActor, PolicyActor, ReferenceActor, RewardActor, RoleGroup
-from corral.rlhf.config import PPOConfig
+from corral.rlhf.config import PPOConfig, PtxConfig
 from corral.rlhf.objectives import gae, logit, ppo_token_rewards, token_kl, whiten
 from corral.rlhf.rollout import Samples, pad_rollouts, sample_and_score
 from corral.tokenizer import Tokenizer
@@ -65,8 +70,32 @@ def make_experience(group: RoleGroup, tokenizer: Tokenizer, records: list[dict],
     return Experience(s, batch, metrics)
 
 
+class PtxRows:
+    """PPO-ptx's demonstrations: packed SFT rows, handed out `rows_per_step` at a time, reshuffled
+    after each pass."""
+
+    def __init__(self, cfg: PtxConfig, tokenizer: Tokenizer, seed: int):
+        if cfg.data:
+            records = [r for path in cfg.data for r in read_records(path, "sft")]
+        else:
+            records = TaskSuite(cfg.tasks.seed).sft_dialogs(cfg.tasks.train_size)
+        self.rows = packed_rows([encode_record(tokenizer, r) for r in records], cfg.seq_len)
+        self.n, self.per_step = len(self.rows["labels"]), cfg.rows_per_step
+        if self.n == 0:
+            raise ValueError(f"ptx: no dialog fits in seq_len {cfg.seq_len}; raise ptx.seq_len")
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.at = torch.randperm(self.n, generator=self.gen), 0
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.at + self.per_step > self.n:
+            self.order, self.at = torch.randperm(self.n, generator=self.gen), 0
+        rows = self.order[self.at:self.at + self.per_step]
+        self.at += self.per_step
+        return {k: v[rows] for k, v in self.rows.items()}
+
+
 def ppo_update(group: RoleGroup, batch: dict[str, torch.Tensor], cfg: PPOConfig, gen: torch.Generator,
-               train_policy: bool = True) -> dict[str, float]:
+               train_policy: bool = True, ptx: PtxRows | None = None) -> dict[str, float]:
     """Shuffled minibatches, one gradient step each on policy and critic; the mean of their stats."""
     stats: dict[str, list[float]] = {}
     n = batch["tokens"].shape[0]
@@ -76,7 +105,8 @@ def ppo_update(group: RoleGroup, batch: dict[str, torch.Tensor], cfg: PPOConfig,
             mb = {k: v[order[i:i + cfg.minibatch_size]] for k, v in batch.items()}
             calls = {"critic": group["critic"].train_values.remote(mb, cfg.value_clip)}
             if train_policy:
-                calls["policy"] = group["policy"].train_ppo.remote(mb, cfg.clip)
+                calls["policy"] = group["policy"].train_ppo.remote(
+                    mb, cfg.clip, None if ptx is None else ptx.next(), cfg.ptx.coef)
             out = group.get(calls, "training")
             for k, v in (out.get("policy", {}) | out["critic"]).items():
                 stats.setdefault(k, []).append(v)
@@ -95,6 +125,7 @@ def train_ppo(cfg: PPOConfig, group: RoleGroup, tokenizer: Tokenizer, prompts: l
               run_id: str, policy_dir: Path) -> dict:
     """The PPO loop. Returns {"iterations", "last_good", "stop_reason", "history"}."""
     gen = torch.Generator().manual_seed(cfg.seed)
+    ptx = PtxRows(cfg.ptx, tokenizer, cfg.seed) if cfg.ptx.coef > 0 else None
     history, last_good, stop_reason = [], None, None
     for it in range(cfg.iterations):
         start = it * cfg.rollout_batch_size
@@ -109,7 +140,8 @@ def train_ppo(cfg: PPOConfig, group: RoleGroup, tokenizer: Tokenizer, prompts: l
             last_good = it
         if it % cfg.samples_every == 0:
             sample_table(run_id, exp.samples, cfg.sample_rows, it)
-        metrics = exp.metrics | ppo_update(group, exp.batch, cfg, gen, train_policy=it >= cfg.critic_warmup)
+        metrics = exp.metrics | ppo_update(group, exp.batch, cfg, gen, train_policy=it >= cfg.critic_warmup,
+                                           ptx=ptx)
         tracking.log_metrics(run_id, metrics, step=it)
         history.append(metrics)
         print(f"ppo {it}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)

@@ -11,7 +11,7 @@ import torch
 
 from corral import tracking
 from corral.data.formats import prompt_messages
-from corral.data.sft import encode_dialog, pack
+from corral.data.sft import encode_dialog, packed_rows
 from corral.engine import SamplingParams
 from corral.rlhf.actors import PolicyActor, RewardActor, RoleGroup
 from corral.rlhf.config import RejectionSamplingConfig
@@ -61,8 +61,7 @@ def finetune(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer: Tokenize
              replies: list[str]) -> float:
     """`epochs` passes of the SFT loss over the kept answers, packed; the mean loss of the last pass."""
     dialogs = [prompt_messages(p["prompt"]) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, replies)]
-    packed = pack([encode_dialog(tokenizer, d) for d in dialogs], cfg.seq_len)
-    columns = {k: torch.from_numpy(packed[k]) for k in ("input_ids", "labels", "positions")}
+    columns = packed_rows([encode_dialog(tokenizer, d) for d in dialogs], cfg.seq_len)
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.epochs):
         order, losses = torch.randperm(len(columns["labels"]), generator=gen), []
