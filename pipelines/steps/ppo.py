@@ -16,7 +16,7 @@ from corral import tracking
 from corral.checkpoint import load_tokenizer, read_config
 from corral.rlhf.actors import RoleGroup
 from corral.rlhf.config import PPOConfig
-from corral.rlhf.ppo import ppo_roles, train_ppo
+from corral.rlhf.ppo import ppo_roles, ptx_rows, train_ppo
 from corral.rlhf.rollout import heldout, load_prompts
 from pipelines.steps.rejection_sampling import heldout_summary, resolve_models
 
@@ -32,10 +32,11 @@ def run(config: PPOConfig | dict, inputs: dict) -> dict:
                                                                       "safety_path": safety, "beta_used": beta})
         tokenizer = load_tokenizer(policy)
         train, held = load_prompts(cfg.prompts)
+        ptx = ptx_rows(cfg, tokenizer)
         group = RoleGroup(ppo_roles(cfg, policy, helpful, safety), cfg.resources, "PPO")
         try:
             before = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
-            result = train_ppo(cfg, group, tokenizer, train, beta, run_id, out / "policy")
+            result = train_ppo(cfg, group, tokenizer, train, beta, run_id, out / "policy", ptx)
             # after an early stop the live policy is the rejected one: judge only a finished run
             after = None if result["stop_reason"] else heldout(group, tokenizer, held, cfg.max_new_tokens,
                                                                cfg.safety_threshold)

@@ -121,11 +121,15 @@ def sample_table(run_id: str, samples: Samples, rows: int, iteration: int) -> No
     tracking.client().log_table(run_id, data=data, artifact_file=f"samples/iteration_{iteration:05d}.json")
 
 
+def ptx_rows(cfg: PPOConfig, tokenizer: Tokenizer) -> PtxRows | None:
+    """PPO-ptx's rows when `ptx.coef` is set; build them before the roles start, so bad data fails first."""
+    return PtxRows(cfg.ptx, tokenizer, cfg.seed) if cfg.ptx.coef > 0 else None
+
+
 def train_ppo(cfg: PPOConfig, group: RoleGroup, tokenizer: Tokenizer, prompts: list[dict], beta: float,
-              run_id: str, policy_dir: Path) -> dict:
+              run_id: str, policy_dir: Path, ptx: PtxRows | None = None) -> dict:
     """The PPO loop. Returns {"iterations", "last_good", "stop_reason", "history"}."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    ptx = PtxRows(cfg.ptx, tokenizer, cfg.seed) if cfg.ptx.coef > 0 else None
     history, last_good, stop_reason = [], None, None
     for it in range(cfg.iterations):
         start = it * cfg.rollout_batch_size
