@@ -19,7 +19,7 @@ import torch
 from corral import load_model, tracking
 from corral.checkpoint import export_hf, save_model
 from corral.config import ModelConfig
-from corral.data.sft import encode_dialog, encode_record, pack, sft_loss
+from corral.data.sft import encode_dialog, encode_record, pack, packed_rows, sft_loss
 from corral.data.tasks import TaskSuite
 from corral.model import Transformer
 from corral.reward import RewardModel, margin_of, pad_batch, ranking_loss, save_reward_model
@@ -211,8 +211,8 @@ def test_ppo_ptx_holds_on_to_the_sft_answers(ray_cluster, mlflow_server, models,
     drifts from the demonstrations; with it the SFT loss on held-out dialogs stays lower."""
     from pipelines.steps import ppo
 
-    held = pack([encode_record(tokenizer, r) for r in TaskSuite(0).sft_dialogs(64, split="eval")], SMALL.max_seq_len)
-    held = {k: torch.from_numpy(held[k]) for k in ("input_ids", "labels", "positions")}
+    held = packed_rows([encode_record(tokenizer, r) for r in TaskSuite(0).sft_dialogs(64, split="eval")],
+                       SMALL.max_seq_len)
 
     def run(coef: float) -> tuple[float, str]:
         cfg = rl_config(models, tmp_path / f"ptx{coef}", iterations=6, rollout_batch_size=16, minibatch_size=8,
