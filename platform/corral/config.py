@@ -251,6 +251,8 @@ class RewardConfig(BaseModel):
     helpfulness_mix: float = Field(default=0.1, ge=0, lt=1, description="share of helpfulness pairs (safety)")
     safety_mix: float = Field(default=0.1, ge=0, lt=1, description="share of safety pairs (helpfulness; Llama 2's "
                               "helpfulness model also sees Meta Safety data)")
+    pairs_per_prompt: int = Field(default=1, ge=1, le=4, description="task suite, helpfulness: pairs drawn per "
+                                  "training prompt, one per rating (its right answer against several wrong ones)")
     margin: str = Field(default="large", pattern="^(large|small|none)$", description="m(rating) in the loss")
     epochs: float = Field(default=1.0, gt=0, description="Llama 2 trains reward models for one epoch")
     output_dir: str | None = Field(default=None, description="None = the pipeline's step directory")

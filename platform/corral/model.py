@@ -91,6 +91,23 @@ def document_mask(packed_positions: torch.Tensor) -> torch.Tensor:
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
+def branch_layout(branches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (bsz, seqlen) and mask (bsz, 1, seqlen, seqlen) of rows that hold one prompt and
+    several answers to it: `branches` is 0 on the shared prompt and k on answer k (right padding
+    continues the last answer). Each answer sees the prompt and itself, at the positions it would
+    have alone, so a reward model reads every answer's reward as if it had been scored on its own.
+    """
+    n_branches = int(branches.max()) + 1  # sync: a few branches, read on the host
+    own = F.one_hot(branches.long(), n_branches)  # (bsz, seqlen, n_branches)
+    index = (own.cumsum(1) * own).sum(-1) - 1  # each token's index within its own branch
+    prompt_len = (branches == 0).sum(1, keepdim=True)
+    positions = torch.where(branches == 0, index, prompt_len + index)
+    seqlen = branches.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=branches.device).tril()
+    visible = (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
+    return positions, (visible & causal)[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -210,7 +227,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, slots: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, last_only: bool = False,
                 exact_rows: bool = False, pad_rows: int = 0,
-                packed_positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                packed_positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                branches: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (bsz, seqlen) -> logits (bsz, seqlen, vocab_size), fp32.
 
         Without a cache this is the plain causal forward. With a cache, row b of `tokens` continues
@@ -224,17 +242,21 @@ class Transformer(nn.Module):
         alone: it attends only to itself and its positions start at 0, as at inference.
         `logits_at` (bsz, seqlen) bool returns logits (n, vocab_size) only where True: a loss over a
         few positions (SFT's answers) skips the output layer, a third of a tiny model's compute,
-        everywhere else.
+        everywhere else. `branches` (bsz, seqlen), without a cache: rows of one prompt and several
+        answers to it (see `branch_layout`), each answer computed as if alone.
         """
         bsz, seqlen = tokens.shape
         mask = None
         if cache is None:
-            if seqlen > self.config.max_seq_len:
+            if seqlen > self.config.max_seq_len and branches is None:
                 raise ValueError(f"sequence of {seqlen} tokens exceeds max_seq_len {self.config.max_seq_len}")
             pos = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
             if packed_positions is not None:
                 pos = packed_positions.long()
                 mask = document_mask(pos)
+            elif branches is not None:
+                pos, mask = branch_layout(branches)
+                pos = pos.clamp(max=self.config.max_seq_len - 1)  # only padding runs past the end
         else:
             pos = positions[:, None] + torch.arange(seqlen, device=tokens.device)  # (bsz, seqlen)
             pos = pos.clamp(max=self.config.max_seq_len - 1)

@@ -73,10 +73,16 @@ class RewardModel(Transformer):
         self.output = nn.Linear(config.dim, 1, bias=False)
         self.tokenizer: Tokenizer | None = None
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """tokens (bsz, seqlen), right-padded; lengths (bsz,) -> rewards (bsz,), read at the last token."""
-        values = super().forward(tokens)[..., 0]  # (bsz, seqlen)
-        return values.gather(1, (lengths.long() - 1)[:, None]).squeeze(1)
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, branches: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (bsz, seqlen), right-padded; lengths (bsz,) -> rewards (bsz,), read at the last token.
+
+        With `branches` (rows of one prompt and k answers, see `corral.model.branch_layout`),
+        `lengths` (bsz, k) is where each answer ends in its row, and the rewards are (bsz, k).
+        """
+        values = super().forward(tokens, branches=branches)[..., 0]  # (bsz, seqlen)
+        ends = lengths.long() if branches is not None else lengths.long()[:, None]
+        rewards = values.gather(1, ends - 1)
+        return rewards if branches is not None else rewards.squeeze(1)
 
     @classmethod
     def from_lm(cls, lm: Transformer) -> "RewardModel":

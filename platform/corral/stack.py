@@ -150,6 +150,11 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         ray_log = home / "logs" / "ray-start.log"
         with open(ray_log, "a") as out:
+            # A fresh machine has no token yet: `ray start` would refuse to start. This makes
+            # ~/.ray/auth_token once (or keeps RAY_AUTH_TOKEN / the existing file) and prints nothing.
+            if subprocess.run([_ray_bin(), "get-auth-token", "--generate"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=out).returncode:
+                raise RuntimeError(f"`ray get-auth-token --generate` failed; see {ray_log}")
             if subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode:
                 raise RuntimeError(f"`ray start` failed; see {ray_log}")
         stack.ray_started, stack.ray_session = True, _ray_session(stack.ray_port)

@@ -36,12 +36,14 @@ def cli(*args, env, timeout=900, check=True):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("corral-home")
-    env = {**os.environ, "CORRAL_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # HOME too: a fresh machine's, without the ~/.ray/auth_token that Ray's token auth needs
+    env = {**os.environ, "CORRAL_HOME": str(home), "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     ports = [free_port() for _ in range(4)]
     cli("corral", "up", "--ray-port", ports[0], "--dashboard-port", ports[1], "--mlflow-port", ports[2],
         "--agent-port", ports[3], "--num-cpus", 6, env=env)
     cli("corral", "up", "--ray-port", ports[0], "--dashboard-port", ports[1], "--mlflow-port", ports[2],
         "--agent-port", ports[3], env=env)  # twice is harmless
+    assert (home / ".ray" / "auth_token").is_file()  # made by `corral up`: Ray refuses to start without one
     state = json.loads((home / "stack.json").read_text())
     env |= {"RAY_ADDRESS": f"127.0.0.1:{ports[0]}", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{ports[1]}",
             "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports[2]}"}

@@ -89,22 +89,48 @@ def test_each_reward_model_trains_on_a_share_of_the_other_kinds_pairs(kind, mix_
     assert len(none) == 900 and all(r["safety"] == (kind == "safety") for r in none)
 
 
-def test_reward_loss_cuts_the_batch_to_its_longest_dialog_without_changing_the_loss(tokenizer):
-    from corral.reward import RewardModel
-    from pipelines.steps.reward import encode_pairs, reward_loss
+def test_reward_rows_hold_a_prompt_once_and_score_each_answer_as_if_alone(tokenizer):
+    from corral.data.sft import encode_dialog
+    from corral.reward import RewardModel, margin_of, ranking_loss
+    from corral.tokenizer import B_INST, E_INST
+    from pipelines.steps.reward import encode_pairs, pair_dialogs, reward_loss
 
     torch.manual_seed(0)
     rm = RewardModel.from_lm(Transformer(CONFIG).init_weights(seed=3))
     torch.nn.init.normal_(rm.output.weight)
-    short = [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "7", "rating": "better"}]
-    long = [{"prompt": "Write these letters in reverse order: a b c d e f g h i j k l",
-             "chosen": "l k j i h g f e d c b a", "rejected": "a b", "rating": "significantly_better"}]
-    alone = {k: torch.from_numpy(v) for k, v in encode_pairs(tokenizer, short, "large", 64).items()}
-    padded = {k: torch.from_numpy(v[:1]) for k, v in encode_pairs(tokenizer, short + long, "large", 64).items()}
-    assert padded["chosen"].shape[1] > alone["chosen"].shape[1]  # padded to the longer pair of the set
+    add = [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": wrong, "rating": rating}
+           for wrong, rating in (("7 and more", "better"), ("6", "slightly_better"), ("The answer is 5.", "negligibly_better"))]
+    reverse = {"prompt": "Write these letters in reverse order: a b c d e f g h i j k l",
+               "chosen": "l k j i h g f e d c b a", "rejected": "a b", "rating": "significantly_better"}
+    records = [add[0], reverse, add[1], add[2]]
+    rows = {k: torch.from_numpy(v) for k, v in encode_pairs(tokenizer, records, "large", 64).items()}
+    assert rows["tokens"].shape[0] == 2  # one row per prompt, pairs grouped whatever their order
+    assert rows["chosen"][0].tolist() == [0, 0, 0] and rows["rejected"][0].tolist() == [1, 2, 3]
+    assert rows["is_pair"].tolist() == [[True] * 3, [True, False, False]]
+
+    # the row is the prompt once, then each answer's own tokens
+    dialogs = [encode_dialog(tokenizer, d)[0] for r in add for d in pair_dialogs(r)]
+    answers = [dialogs[0], dialogs[1], dialogs[3], dialogs[5]]  # "5", "7 and more", "6", "The answer is 5."
+    shared = next(i for i in range(len(answers[0])) if len({a[i] for a in answers}) > 1)
+    assert shared >= len(tokenizer.encode(f"{B_INST} What is 2 + 3? {E_INST}", bos=True))  # the whole prompt
+    assert rows["tokens"][0, : rows["ends"][0, -1]].tolist() == answers[0] + sum((a[shared:] for a in answers[1:]), [])
+
+    # every answer's reward is what scoring its dialog alone gives, and the loss is over the real pairs
+    rewards = rm(rows["tokens"], rows["ends"], rows["branches"])
+    for i, row_answers in enumerate((answers, [encode_dialog(tokenizer, d)[0] for d in pair_dialogs(reverse)])):
+        for k, ids in enumerate(row_answers):
+            alone = rm(torch.tensor([ids]), torch.tensor([len(ids)]))
+            torch.testing.assert_close(rewards[i, k:k + 1], alone, rtol=1e-5, atol=1e-5)
+    chosen = torch.stack([rewards[0, 0]] * 3 + [rewards[1, 0]])
+    rejected = torch.stack([rewards[0, 1], rewards[0, 2], rewards[0, 3], rewards[1, 1]])
+    ratings = ["better", "slightly_better", "negligibly_better", "significantly_better"]
+    torch.testing.assert_close(reward_loss(rm, rows)[0], ranking_loss(chosen, rejected, margin_of(ratings, "large")))
+
+    # a batch is cut to its own widest row: the set's padding changes nothing
+    alone = {k: torch.from_numpy(v) for k, v in encode_pairs(tokenizer, add, "large", 64).items()}
+    padded = {k: v[:1] for k, v in rows.items()}
+    assert padded["tokens"].shape[1] > alone["tokens"].shape[1]
     widths = []
     rm.register_forward_pre_hook(lambda mod, args: widths.append(args[0].shape[1]))
-    loss_alone, _ = reward_loss(rm, alone)
-    loss_padded, _ = reward_loss(rm, padded)
-    torch.testing.assert_close(loss_padded, loss_alone)
-    assert widths == [alone["chosen"].shape[1]] * 2  # the forward never saw the set's padding
+    torch.testing.assert_close(reward_loss(rm, padded)[0], reward_loss(rm, alone)[0])
+    assert widths == [alone["tokens"].shape[1]] * 2  # the forward never saw the set's padding

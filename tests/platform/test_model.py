@@ -88,3 +88,19 @@ def test_sequence_longer_than_context_is_rejected():
     model = Transformer(MHA)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, MHA.max_seq_len + 1, dtype=torch.long))
+
+
+def test_branch_layout_gives_each_answer_the_prompt_and_its_own_positions():
+    from corral.model import branch_layout
+
+    # a 3-token prompt, a 2-token answer, a 3-token answer, one padding token (continues answer 2)
+    positions, mask = branch_layout(torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]]))
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 6]]
+    sees = [[j for j in range(9) if mask[0, 0, i, j]] for i in range(9)]
+    assert sees[2] == [0, 1, 2] and sees[4] == [0, 1, 2, 3, 4]
+    assert sees[5] == [0, 1, 2, 5] and sees[7] == [0, 1, 2, 5, 6, 7]  # never the other answer
+    model = Transformer(GQA).init_weights(seed=0)
+    prompt, first, second = [5, 9, 13], [7, 8], [21, 22, 23]
+    logits = model(torch.tensor([prompt + first + second]), branches=torch.tensor([[0] * 3 + [1] * 2 + [2] * 3]))
+    torch.testing.assert_close(logits[0, 3:5], model(torch.tensor([prompt + first]))[0, 3:], **TOL)
+    torch.testing.assert_close(logits[0, 5:], model(torch.tensor([prompt + second]))[0, 3:], **TOL)

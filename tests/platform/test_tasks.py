@@ -121,6 +121,18 @@ def test_preference_ratings_follow_how_wrong_the_rejected_answer_is():
             assert abs(int(p["rejected"]) - int(p["chosen"])) >= 10
 
 
+def test_pairs_per_prompt_compare_one_right_answer_with_every_kind_of_wrong_one():
+    suite = TaskSuite(seed=6)
+    assert suite.preference_pairs(40, per_prompt=1) == suite.preference_pairs(40)
+    pairs = suite.preference_pairs(40, per_prompt=4)
+    for group in (pairs[i:i + 4] for i in range(0, 40, 4)):
+        assert len({(p["prompt"], p["chosen"]) for p in group}) == 1
+        assert [p["rating"] for p in group] == list(RATINGS) and len({p["rejected"] for p in group}) == 4
+    assert len({p["prompt"] for p in pairs}) == 10
+    with pytest.raises(ValueError, match="per_prompt must be 1 to 4"):
+        suite.preference_pairs(8, per_prompt=5)
+
+
 def test_held_out_sets_never_overlap_training():
     suite = TaskSuite(seed=7)
     train = user_prompts(suite.sft_dialogs(3000)) | user_prompts(suite.preference_pairs(2000)) \

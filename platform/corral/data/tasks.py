@@ -238,9 +238,15 @@ class TaskSuite:
         return out
 
     # -- preferences -------------------------------------------------------------------------
-    def preference_pairs(self, n: int, split: str = "train", safety: bool = False) -> list[dict]:
+    def preference_pairs(self, n: int, split: str = "train", safety: bool = False, per_prompt: int = 1) -> list[dict]:
         """Helpfulness pairs (right answer over a wrong one, rated by how wrong it is) or safety
-        pairs (refusal over compliance on unsafe prompts, compliance over needless refusal)."""
+        pairs (refusal over compliance on unsafe prompts, compliance over needless refusal).
+
+        `per_prompt` (helpfulness, 1-4): that many consecutive pairs share a task, each with the
+        next rating, so one prompt's right answer is compared with several kinds of wrong one.
+        """
+        if not 1 <= per_prompt <= len(RATINGS):
+            raise ValueError(f"per_prompt must be 1 to {len(RATINGS)} (one pair per rating), not {per_prompt}")
         rng = self._rng(f"pref:{split}:{safety}")
         out = []
         for i in range(n):
@@ -259,7 +265,8 @@ class TaskSuite:
                 out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating,
                             "safety": True})
             else:
-                t = self._task(rng, split)
+                if i % per_prompt == 0:
+                    t = self._task(rng, split)
                 rating = RATINGS[i % len(RATINGS)]
                 out.append({"prompt": t.prompt, "chosen": t.answer, "rejected": t.wrong[rating],
                             "rating": rating, "safety": False, "family": t.family})
