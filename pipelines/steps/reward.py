@@ -133,18 +133,7 @@ def encode_pairs(tokenizer, records: list[dict], margin: str, max_len: int) -> d
             pairs.append((answers.index(both[0]), answers.index(both[1]), MARGINS[margin][record["rating"]]))
         rows.append((group[0]["prompt"], answers, pairs))
 
-    ids, branches, ends = [], [], []
-    for prompt, answers, _ in rows:
-        dialogs = [encode_dialog(tokenizer, answer_dialog(prompt, a))[0][-max_len:] for a in answers]
-        shared = 0  # the prompt's tokens: what every answer's dialog starts with (each keeps one of its own)
-        while shared < min(map(len, dialogs)) - 1 and len({d[shared] for d in dialogs}) == 1:
-            shared += 1
-        row, branch, row_ends = dialogs[0][:shared], [0] * shared, []
-        for k, d in enumerate(dialogs, start=1):
-            row, branch = row + d[shared:], branch + [k] * (len(d) - shared)
-            row_ends.append(len(row))
-        ids.append(row), branches.append(branch), ends.append(row_ends)
-
+    ids, branches, ends = zip(*(prompt_row(tokenizer, prompt, answers, max_len) for prompt, answers, _ in rows))
     n, width = len(rows), max(map(len, ids))
     n_answers, n_pairs = max(len(a) for _, a, _ in rows), max(len(p) for _, _, p in rows)
     cols = {"tokens": np.zeros((n, width), dtype=np.int64), "branches": np.zeros((n, width), dtype=np.int64),
@@ -158,6 +147,19 @@ def encode_pairs(tokenizer, records: list[dict], margin: str, max_len: int) -> d
         for j, (c, r, m) in enumerate(pairs):
             cols["chosen"][i, j], cols["rejected"][i, j], cols["margin"][i, j], cols["is_pair"][i, j] = c, r, m, True
     return cols
+
+
+def prompt_row(tokenizer, prompt: str | list, answers: list[str], max_len: int) -> tuple[list, list, list]:
+    """Token ids, branch ids and answer ends of one row: the prompt once, then each answer's own tokens."""
+    dialogs = [encode_dialog(tokenizer, answer_dialog(prompt, a))[0][-max_len:] for a in answers]
+    shared = 0  # the prompt's tokens: what every answer's dialog starts with (each keeps one of its own)
+    while shared < min(map(len, dialogs)) - 1 and len({d[shared] for d in dialogs}) == 1:
+        shared += 1
+    ids, branches, ends = dialogs[0][:shared], [0] * shared, []
+    for k, dialog in enumerate(dialogs, start=1):
+        ids, branches = ids + dialog[shared:], branches + [k] * (len(dialog) - shared)
+        ends.append(len(ids))
+    return ids, branches, ends
 
 
 def reward_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
