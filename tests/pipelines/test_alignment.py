@@ -47,7 +47,9 @@ def chain(ray_cluster, mlflow_server, base, tmp_path_factory):
         rms |= reward.run({
             "kind": kind, "tasks": {"train_size": 480, "eval_size": 96}, "epochs": 1.0, "margin": "large",
             "output_dir": str(root / kind), "optim": {"lr": 5e-4, "warmup_steps": 5},
-            "loop": {"micro_batch_size": 8, "eval_every": 100, "eval_batches": 2, "checkpoint_every": 1000},
+            # rows hold all pairs of a prompt: the 480 safety pairs share ~180 prompts, so 4 rows per
+            # worker keep ~24 steps (33 when every pair was a row of 8)
+            "loop": {"micro_batch_size": 4, "eval_every": 100, "eval_batches": 2, "checkpoint_every": 1000},
             "deepspeed": ZERO3, "resources": TWO_WORKERS, "tracking": {"experiment": "test-alignment"},
         }, {"model": tuned["model"]})
     after = evaluate.run(evaluation | {"output_dir": str(root / "eval-sft")}, {"model": tuned["model"], **rms})
