@@ -6,10 +6,11 @@ and `run_id`. outputs: `{kind}_reward_model` (a checkpoint `corral.load_reward_m
 independent steps.
 
 Training: the binary ranking loss with a margin by rating, over rows that hold one prompt and
-every answer its pairs compare (`encode_pairs`); `micro_batch_size` counts rows. Safety trains on safety pairs with
-`helpfulness_mix` (~10 %) helpfulness pairs mixed in, helpfulness on helpfulness pairs with
-`safety_mix` (~10 %) safety pairs: without them PPO found that the helpfulness model scored a
-refusal of a safe request highly, and the tiny policy came to refuse every safe prompt. After
+every answer its pairs compare (`encode_pairs`); `micro_batch_size` counts rows. Safety trains
+on safety pairs with `helpfulness_mix` (~10 %) helpfulness pairs mixed in, helpfulness on
+helpfulness pairs with `safety_mix` (~10 %) safety pairs: without them PPO found that the
+helpfulness model scored a refusal of a safe request highly, and the tiny policy came to refuse
+every safe prompt. After
 training, held-out pairs are scored: pairwise accuracy overall and per rating, and the mean
 reward gap.
 """
@@ -144,8 +145,8 @@ def encode_pairs(tokenizer, records: list[dict], margin: str, max_len: int) -> d
         cols["tokens"][i, : len(row)] = row
         cols["branches"][i] = branch + [branch[-1]] * (width - len(row))  # padding continues the last answer
         cols["ends"][i] = row_ends + [row_ends[-1]] * (n_answers - len(row_ends))
-        for j, (c, r, m) in enumerate(pairs):
-            cols["chosen"][i, j], cols["rejected"][i, j], cols["margin"][i, j], cols["is_pair"][i, j] = c, r, m, True
+        for name, values in zip(("chosen", "rejected", "margin", "is_pair"), (*zip(*pairs), [True] * len(pairs))):
+            cols[name][i, : len(pairs)] = values
     return cols
 
 
