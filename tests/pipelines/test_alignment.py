@@ -1,13 +1,17 @@
 """The alignment chain for real, shortened: SFT -> helpfulness and safety reward models -> evaluate.
 
-A real Ray cluster, real DeepSpeed ZeRO-3 on two CPU workers, a real MLflow server. The base is
-a freshly initialised tiny model (what SFT starts from matters less here than that training does
-something): its exact-match accuracy is ~0, and the thresholds below fail if training does nothing.
+A real Ray cluster, real DeepSpeed, a real MLflow server. The chain trains as the tiny pipeline
+does (one worker with both cores, no ZeRO: ~0.2 s a step here, where ZeRO-3 on two CPU workers
+takes ~1 s and four times that on a loaded machine); a short run of each step under ZeRO-3 on two
+workers must then match the same run without ZeRO. The base is a freshly initialised tiny model
+(what SFT starts from matters less here than that training does something): its exact-match
+accuracy is ~0, and the thresholds below fail if training does nothing.
 """
 
 import json
 
 import pytest
+import torch
 
 from corral import export_hf, load_model, load_reward_model, tracking
 from corral.checkpoint import save_model
@@ -17,8 +21,8 @@ from corral.model import Transformer
 pytestmark = pytest.mark.slow
 
 TINY = ModelConfig.preset("tiny").model_copy(update={"max_seq_len": 128})
-TWO_WORKERS = {"num_workers": 2, "cpus_per_worker": 1}
-ZERO3 = {"zero_stage": 3, "bf16": True}
+ONE_WORKER = {"num_workers": 1, "cpus_per_worker": 2}  # the tiny pipeline's training steps
+PLAIN = {"zero_stage": 0, "bf16": False}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +42,8 @@ def chain(ray_cluster, mlflow_server, base, tmp_path_factory):
     before = evaluate.run(evaluation | {"output_dir": str(root / "eval-base")}, {"model": str(base["corral"])})
     tuned = sft.run({
         "tasks": {"train_size": 8000, "eval_size": 64}, "epochs": 2.0, "seq_len": 128, "output_dir": str(root / "sft"),
-        "loop": {"micro_batch_size": 8, "eval_every": 100, "eval_batches": 2, "checkpoint_every": 1000},
-        "optim": {"lr": 2e-3, "warmup_steps": 20}, "deepspeed": ZERO3, "resources": TWO_WORKERS,
+        "loop": {"micro_batch_size": 16, "eval_every": 100, "eval_batches": 2, "checkpoint_every": 1000},
+        "optim": {"lr": 2e-3, "warmup_steps": 20}, "deepspeed": PLAIN, "resources": ONE_WORKER,
         "tracking": {"experiment": "test-alignment"},
     }, {"model": str(base["hf"])})
     rms = {}
@@ -47,10 +51,10 @@ def chain(ray_cluster, mlflow_server, base, tmp_path_factory):
         rms |= reward.run({
             "kind": kind, "tasks": {"train_size": 480, "eval_size": 96}, "epochs": 1.0, "margin": "large",
             "output_dir": str(root / kind), "optim": {"lr": 5e-4, "warmup_steps": 5},
-            # rows hold all pairs of a prompt: the 480 safety pairs share ~180 prompts, so 4 rows per
-            # worker keep ~24 steps (33 when every pair was a row of 8)
-            "loop": {"micro_batch_size": 4, "eval_every": 100, "eval_batches": 2, "checkpoint_every": 1000},
-            "deepspeed": ZERO3, "resources": TWO_WORKERS, "tracking": {"experiment": "test-alignment"},
+            # rows hold all pairs of a prompt: the 480 safety pairs share ~180 prompts, so 8 rows a
+            # step keep ~24 steps (33 when every pair was a row, 16 a step)
+            "loop": {"micro_batch_size": 8, "eval_every": 100, "eval_batches": 2, "checkpoint_every": 1000},
+            "deepspeed": PLAIN, "resources": ONE_WORKER, "tracking": {"experiment": "test-alignment"},
         }, {"model": tuned["model"]})
     after = evaluate.run(evaluation | {"output_dir": str(root / "eval-sft")}, {"model": tuned["model"], **rms})
     return {"before": before, "sft": tuned, "rms": rms, "after": after}
@@ -102,3 +106,39 @@ def test_evaluation_table_and_mlflow(chain):
     assert run.data.metrics["exact_match"] == pytest.approx(after["exact_match"])
     artifacts = {a.path for a in tracking.client().list_artifacts(run.info.run_id, "eval")}
     assert {"eval/eval.json", "eval/eval.md", "eval/samples.jsonl"} <= artifacts
+
+
+@pytest.mark.parametrize("step", ["sft", "reward"])
+def test_zero3_on_two_workers_matches_the_same_run_without_zero(chain, base, tmp_path, step):
+    """How the big presets train: the checkpoint loaded into sharded parameters, gathered again at
+    export. Same two workers and global batches with ZeRO-0: fp32 losses within 1e-3, and the
+    exported models agree (the per-worker mean makes one worker's loss differ, so it is not compared)."""
+    from pipelines.steps import reward, sft
+
+    runs = {}
+    for name, stage in (("zero3", 3), ("zero0", 0)):
+        common = {"epochs": 1.0, "output_dir": str(tmp_path / name), "deepspeed": {"zero_stage": stage, "bf16": False},
+                  "resources": {"num_workers": 2, "cpus_per_worker": 1},
+                  "loop": {"micro_batch_size": 2, "eval_every": 100, "eval_batches": 1, "checkpoint_every": 100},
+                  "tracking": {"experiment": "test-alignment-zero3", "run_name": f"{step}-{name}"}}
+        if step == "sft":
+            out = sft.run(common | {"tasks": {"train_size": 64, "eval_size": 24}, "seq_len": 128,
+                                    "optim": {"lr": 2e-3, "warmup_steps": 1}}, {"model": str(base["hf"])})
+        else:
+            out = reward.run(common | {"kind": "helpfulness", "tasks": {"train_size": 24, "eval_size": 8},
+                                       "optim": {"lr": 5e-4, "warmup_steps": 1}}, {"model": chain["sft"]["model"]})
+        runs[name] = out | {"losses": [v for _, v in tracking.metric_history(out["mlflow_run_id"], "loss")]}
+    zero3, zero0 = runs["zero3"]["losses"], runs["zero0"]["losses"]
+    assert len(zero3) == len(zero0) >= 5
+    assert zero3 == pytest.approx(zero0, abs=1e-3)
+    # and the runs trained, so that the losses after the first step compare the updates
+    if step == "sft":
+        assert zero3[-1] < zero3[0] - 0.3, zero3
+        models = [load_model(runs[name]["model"]) for name in runs]
+        tokens = torch.tensor([[1, 50, 60, 70]])
+        assert torch.allclose(models[0](tokens), models[1](tokens), atol=1e-3)
+    else:
+        dialog = [{"role": "user", "content": "What is 12 plus 30?"}, {"role": "assistant", "content": "42"}]
+        scores = [load_reward_model(runs[name]["helpfulness_reward_model"]).score(dialog) for name in runs]
+        assert abs(scores[0]) > 0.01, "the reward head starts at zero"
+        assert scores[0] == pytest.approx(scores[1], abs=1e-3)
