@@ -50,12 +50,18 @@ def read_in_order(data_dir, split, in_memory_bytes=IN_MEMORY_BYTES) -> np.ndarra
     return np.concatenate([b["tokens"] for b in ds.iter_batches(batch_size=None)])
 
 
-def test_prepare_packs_every_token_and_counts_every_skip(ray_cluster, tokenizer, mixed_corpus, tmp_path):
+def test_prepare_packs_every_token_and_counts_every_skip(ray_cluster, tokenizer, mixed_corpus, tmp_path, capfd):
+    from ray.data import DataContext
+
     from pipelines.steps import prepare_data
 
     src, docs = mixed_corpus
+    DataContext.get_current().enable_progress_bars = True  # Ray's default (earlier tests turn them off)
     out = prepare_data.run({"inputs": [str(src)], "seq_len": SEQ_LEN, "val_fraction": 0.3},
                            {"tokenizer": str(tokenizer.path.parent), "output_dir": str(tmp_path / "data")})
+    printed = capfd.readouterr()
+    assert "prepare_data: tokenising 8 files" in printed.out and "from 7 documents" in printed.out, printed.out
+    assert "row/s" not in printed.out + printed.err  # no progress-bar redraws in the step's log
     manifest = read_manifest(out["data"])
     assert manifest["documents"] == {"documents": 7, "skipped_undecodable": 2, "skipped_empty": 2,
                                      "skipped_no_text_field": 1}

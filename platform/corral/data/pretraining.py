@@ -30,6 +30,7 @@ import numpy as np
 
 from corral.checkpoint import atomic_dir, load_tokenizer
 from corral.config import PrepareDataConfig
+from corral.data import quiet_progress_bars
 from corral.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
@@ -175,6 +176,10 @@ def prepare_pretraining_data(config: PrepareDataConfig, out_dir: str | os.PathLi
     files = list_corpus(config.inputs)  # first: a bad corpus fails before anything else
     tokenizer = load_tokenizer(tokenizer_path)
     block_len = config.seq_len + 1
+    quiet_progress_bars()
+    n_files = sum(len(v) for v in files.values())
+    print(f"prepare_data: tokenising {n_files} files into {block_len}-token blocks "
+          f"({config.num_tokenizer_actors} tokenizer actors)", flush=True)
     parts = []
     if files["text"]:
         parts.append(ray.data.read_binary_files(files["text"]).flat_map(text_file_docs))
@@ -198,6 +203,8 @@ def prepare_pretraining_data(config: PrepareDataConfig, out_dir: str | os.PathLi
     if stats.get("documents", 0) == 0 or packed.count() == 0:
         raise CorpusError(f"no training blocks from {', '.join(config.inputs)}: {_describe(stats)}; the corpus "
                           f"needs at least {block_len} tokens of readable text")
+    print(f"prepare_data: {packed.count():,} blocks from {stats['documents']:,} documents; writing "
+          f"{config.output_format} shards", flush=True)
 
     with atomic_dir(out_dir) as tmp:
         manifest = {"format": config.output_format, "seq_len": config.seq_len, "block_len": block_len,

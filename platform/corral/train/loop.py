@@ -28,6 +28,7 @@ from torch import nn
 
 from corral import tracking
 from corral.config import DeepSpeedConfig, OptimConfig, ResourcesConfig, TrainLoopConfig
+from corral.data import quiet_progress_bars
 from corral.train.strategy import DeepSpeedStrategy
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
@@ -126,7 +127,7 @@ def train_worker(config: dict) -> None:
 
     job: TrainJob = config["job"]
     loop = job.loop
-    quiet_data_progress()
+    quiet_progress_bars()
     if job.tracking_uri:  # this process only trains: point its MLflow client at the run's server
         os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
     torch.manual_seed(loop.seed)
@@ -222,16 +223,6 @@ def report_progress(job: TrainJob, progress: Progress, metrics: dict, resumed_fr
     sys.stderr.flush()
 
 
-def quiet_data_progress(*datasets) -> None:
-    """No Ray Data progress bars while training: a worker re-reads its data every epoch, and the
-    bars' redraws fill job logs with cursor codes (and cost CPU on a 2-core machine). A dataset
-    carries the context it was made under, so the ones given are quietened too."""
-    from ray.data import DataContext
-
-    for context in [DataContext.get_current()] + [ds.context for ds in datasets]:
-        context.enable_progress_bars = False
-
-
 def fit(job: TrainJob, datasets: dict):
     """Run `job` on a Ray Train TorchTrainer; resumes from the run's latest checkpoint if there is one.
 
@@ -241,7 +232,7 @@ def fit(job: TrainJob, datasets: dict):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    quiet_data_progress(*datasets.values())
+    quiet_progress_bars(*datasets.values())
     r = job.resources
     trainer = TorchTrainer(
         train_worker,
