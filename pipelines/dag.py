@@ -171,7 +171,7 @@ def run_pipeline(spec: PipelineSpec, spec_text: str = "", force: tuple[str, ...]
         refs[p.step_id] = run_step.remote(p, exp, parent, *[refs[n] for n in p.needs])
     step_of = {ref: sid for sid, ref in refs.items()}
     results: dict[str, StepResult] = {}
-    pending, last_progress = list(refs.values()), 0.0
+    pending, last_progress, shown = list(refs.values()), 0.0, set()
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=5)
@@ -182,7 +182,9 @@ def run_pipeline(spec: PipelineSpec, spec_text: str = "", force: tuple[str, ...]
             if time.time() - last_progress > 15:
                 last_progress = time.time()
                 for line in progress_lines(parent):
-                    log(line)
+                    if line not in shown:  # a step that has not logged since the last look: no repeat
+                        log(line)
+                        shown.add(line)
     except BaseException:  # Ctrl-C, `ray job stop` (SIGTERM): stop the steps, mark the runs KILLED
         for ref in pending:
             ray.cancel(ref, force=True)
