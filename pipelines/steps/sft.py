@@ -112,7 +112,8 @@ def run_tracked(job: TrainJob, datasets: dict, cfg, inputs: dict, out: Path, par
 
     out.mkdir(parents=True, exist_ok=True)
     job.tracking_uri = tracking.tracking_uri(out)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", job.tracking_uri)  # no server: the run's own SQLite
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # no server (unset or empty): the run's own SQLite, for
+        os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri  # this process and the workers alike
     with tracking.step_run(inputs, cfg.tracking.experiment, cfg.tracking.run_name or job.name, out) as run_id:
         job.mlflow_run_id = run_id
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
