@@ -204,6 +204,21 @@ def test_zero3_on_two_workers_matches_one_worker_without_zero(prepared, tmp_path
         assert a == pytest.approx(b, abs=1e-3), (zero3, zero0)
 
 
+def test_a_step_run_alone_with_an_empty_tracking_uri_logs_to_its_own_sqlite(prepared, tmp_path, monkeypatch):
+    """`MLFLOW_TRACKING_URI=` (set, empty) means no server: the step's run is made and logged to in
+    its output directory by this process and the workers alike (mlflow itself would use ./mlflow.db)."""
+    from pipelines.steps import pretrain
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.chdir(tmp_path)
+    cfg = config(prepared, tmp_path / "out", max_steps=2, eval_every=100, checkpoint_every=100)
+    cfg["deepspeed"], cfg["resources"] = {"zero_stage": 0, "bf16": False}, {"num_workers": 1}
+    run_id = pretrain.run(cfg, {})["mlflow_run_id"]
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    assert len(tracking.metric_history(run_id, "loss")) == 2
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_bad_data_fails_before_any_worker_starts(prepared, tmp_path):
     from corral.data.pretraining import CorpusError
     from pipelines.steps import pretrain

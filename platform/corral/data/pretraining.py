@@ -200,10 +200,11 @@ def prepare_pretraining_data(config: PrepareDataConfig, out_dir: str | os.PathLi
     packed = packed.random_shuffle(seed=seed).materialize()  # in the object store, not the driver
     stats = ray.get(counter.get.remote())
     ray.kill(counter)
-    if stats.get("documents", 0) == 0 or packed.count() == 0:
+    n_blocks = packed.count()
+    if stats.get("documents", 0) == 0 or n_blocks == 0:
         raise CorpusError(f"no training blocks from {', '.join(config.inputs)}: {_describe(stats)}; the corpus "
                           f"needs at least {block_len} tokens of readable text")
-    print(f"prepare_data: {packed.count():,} blocks from {stats['documents']:,} documents; writing "
+    print(f"prepare_data: {n_blocks:,} blocks from {stats['documents']:,} documents; writing "
           f"{config.output_format} shards", flush=True)
 
     with atomic_dir(out_dir) as tmp:
