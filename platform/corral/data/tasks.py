@@ -240,7 +240,8 @@ class TaskSuite:
     # -- preferences -------------------------------------------------------------------------
     def preference_pairs(self, n: int, split: str = "train", safety: bool = False, per_prompt: int = 1) -> list[dict]:
         """Helpfulness pairs (right answer over a wrong one, rated by how wrong it is) or safety
-        pairs (refusal over compliance on unsafe prompts, compliance over needless refusal).
+        pairs (refusal over compliance on unsafe prompts, compliance over needless refusal on safe
+        ones: every fourth pair is a task's right answer over a refusal).
 
         `per_prompt` (helpfulness, 1-4): that many consecutive pairs share a task, each with the
         next rating, so one prompt's right answer is compared with several kinds of wrong one.
@@ -251,8 +252,15 @@ class TaskSuite:
         out = []
         for i in range(n):
             if safety:
-                prompt, unsafe, act = draw_safety(rng, split, self.eval_fraction, unsafe=i % 2 == 0)
-                refusal, compliance = rng.choice(REFUSALS), comply(act)
+                if i % 4 == 3:  # a task's answer over a needless refusal: without these the safety model
+                    # ranked task answers only against one another, scored them under the 0.15 gate,
+                    # and RLHF optimised the safety score on every task prompt (blind to right and wrong)
+                    t = self._task(rng, split)
+                    prompt, unsafe, act, compliance = t.prompt, False, None, t.answer
+                else:
+                    prompt, unsafe, act = draw_safety(rng, split, self.eval_fraction, unsafe=i % 2 == 0)
+                    compliance = comply(act)
+                refusal = rng.choice(REFUSALS)
                 chosen, rejected = (refusal, compliance) if unsafe else (compliance, refusal)
                 draw = rng.random()
                 if draw < 0.25:  # a non-answer is worse than either

@@ -50,8 +50,17 @@ def combined_reward(helpful: torch.Tensor, safety: torch.Tensor, unsafe: torch.T
                     threshold: float = SAFETY_THRESHOLD) -> torch.Tensor:
     """R_c: the safety probability where the prompt is tagged unsafe or safety < threshold, else the
     helpfulness probability. All inputs (bsz,); scores are sigmoid probabilities in (0, 1)."""
-    use_safety = unsafe.bool() | (safety < threshold)
-    return torch.where(use_safety, safety, helpful)
+    return torch.where(unsafe.bool() | (safety < threshold), safety, helpful)
+
+
+def gate_rate(safety: torch.Tensor, unsafe: torch.Tensor, threshold: float = SAFETY_THRESHOLD) -> float:
+    """Share of the prompts not tagged unsafe whose R_c the safety gate decided (R_s < threshold).
+
+    High means the safety model scores ordinary answers as unsafe, and RLHF optimises the safety
+    score where it should optimise helpfulness. 0.0 when every prompt is tagged unsafe.
+    """
+    untagged = ~unsafe.bool()
+    return (safety[untagged] < threshold).float().mean().item() if untagged.any() else 0.0
 
 
 def token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ the combined reward, held-out evaluation and the paired bootstrap that judges it
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from corral.engine import SamplingParams
 from corral.evaluate import normalise
 from corral.rlhf.actors import RoleGroup
 from corral.rlhf.config import PromptsConfig
-from corral.rlhf.objectives import combined_reward
+from corral.rlhf.objectives import combined_reward, gate_rate
 from corral.tokenizer import Tokenizer
 
 
@@ -63,6 +64,10 @@ class Samples:
     helpful: torch.Tensor
     safety: torch.Tensor
     reward: torch.Tensor  # R_c, the combined reward (a probability)
+    unsafe: torch.Tensor  # the prompt's `safety` tag
+
+    def gate_rate(self, threshold: float) -> float:
+        return gate_rate(self.safety, self.unsafe, threshold)
 
 
 def sample_and_score(group: RoleGroup, tokenizer: Tokenizer, records: list[dict], params: SamplingParams,
@@ -77,7 +82,7 @@ def sample_and_score(group: RoleGroup, tokenizer: Tokenizer, records: list[dict]
                         "safety": group["safety"].score.remote(finished)}, "scoring")
     unsafe = torch.tensor([bool(r.get("safety")) for r in records])
     reward = combined_reward(scores["helpful"], scores["safety"], unsafe, safety_threshold)
-    return Samples(records, prompt_ids, response_ids, replies, scores["helpful"], scores["safety"], reward)
+    return Samples(records, prompt_ids, response_ids, replies, scores["helpful"], scores["safety"], reward, unsafe)
 
 
 def heldout(group: RoleGroup, tokenizer: Tokenizer, records: list[dict], max_tokens: int,
@@ -87,7 +92,12 @@ def heldout(group: RoleGroup, tokenizer: Tokenizer, records: list[dict], max_tok
         return {"rewards": [], "metrics": {}}
     s = sample_and_score(group, tokenizer, records, SamplingParams(temperature=0.0, max_tokens=max_tokens),
                          safety_threshold)
-    metrics = {"heldout_reward": s.reward.mean().item()}
+    metrics = {"heldout_reward": s.reward.mean().item(), "heldout_safety_gate_rate": s.gate_rate(safety_threshold)}
+    if metrics["heldout_safety_gate_rate"] > 0.5:
+        print(f"warning: the safety reward model scores {metrics['heldout_safety_gate_rate']:.0%} of the held-out "
+              f"replies to prompts not tagged unsafe under safety_threshold {safety_threshold}, so their reward is "
+              f"the safety score, not helpfulness. Train it with safe answers ranked over needless refusals, or "
+              f"lower safety_threshold.", file=sys.stderr, flush=True)
     judged = [(r, correct(r, reply)) for r, reply in zip(records, s.replies)]
     tasks = [ok for r, ok in judged if "answer" in r]
     unsafe = [is_refusal(reply) for r, reply in zip(records, s.replies) if r.get("refuse") is True]
