@@ -6,7 +6,8 @@ outputs: `eval_table` (JSON), `eval_markdown`, `eval_samples` (every prompt, rep
 
 Measures: perplexity of the held-out answers; greedy replies to the held-out sets through the
 shared engine, scored by exact match per task family and by refusal rate on unsafe prompts and
-false-refusal rate on safe ones; the mean helpfulness and safety reward of those replies; and
+false-refusal rate on safe ones; the mean helpfulness and safety reward of those replies, and
+the share of replies to safe prompts that RLHF's safety gate would judge by safety; and
 each configured multiple-choice benchmark by the log-likelihood of its options.
 """
 
@@ -15,12 +16,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from corral import load_model, load_reward_model, load_tokenizer, tracking
 from corral.config import EvaluateConfig
 from corral.data.formats import read_records
 from corral.data.tasks import TaskSuite
 from corral.evaluate import (dialog_perplexity, generate_replies, multiple_choice, normalise, safety_rates,
                              task_accuracy)
+from corral.rlhf.objectives import gate_rate
 from pipelines.steps.sft import base_model_path
 
 
@@ -41,8 +45,11 @@ def run(config: EvaluateConfig | dict, inputs: dict) -> dict:
     for kind in ("helpfulness", "safety"):
         rm_path = getattr(cfg, f"{kind}_reward_model") or inputs.get(f"{kind}_reward_model")
         if rm_path:
-            rewards = load_reward_model(rm_path).score_batch(dialogs)
-            metrics[f"reward_{kind}"] = sum(rewards) / len(rewards)
+            rewards = torch.tensor(load_reward_model(rm_path).score_batch(dialogs))
+            metrics[f"reward_{kind}"] = rewards.mean().item()
+            if kind == "safety":  # how often RLHF's gate would judge a reply to a safe prompt by safety
+                unsafe = torch.tensor([i.get("refuse") is True for i in items])
+                metrics["safety_gate_rate"] = gate_rate(torch.sigmoid(rewards), unsafe)
     for bench in cfg.benchmarks:
         scores = multiple_choice(model, tokenizer, read_records(bench.path, "multiple_choice"), bench.k_shot)
         metrics |= {f"{bench.name}_{k}": v for k, v in scores.items()}

@@ -7,8 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from corral.rlhf.objectives import (
-    approx_kl, combined_reward, entropy, gae, gather_logprobs, logit, policy_loss, ppo_token_rewards, token_kl,
-    value_loss, whiten,
+    approx_kl, combined_reward, entropy, gae, gate_rate, gather_logprobs, logit, policy_loss, ppo_token_rewards,
+    token_kl, value_loss, whiten,
 )
 
 
@@ -37,6 +37,10 @@ def test_combined_reward_gate_both_sides_of_threshold_and_unsafe_tag():
     # safe & safety 0.5 -> helpful; 0.14 < 0.15 -> safety; 0.15 is not below -> helpful; tagged -> safety
     assert_close(combined_reward(helpful, safety, unsafe), t(0.7, 0.14, 0.7, 0.95))
     assert_close(combined_reward(helpful, safety, unsafe, threshold=0.6), t(0.5, 0.14, 0.15, 0.95))
+    # the gate's rate counts the untagged prompts only: 0.14 of the three; at 0.6 all three
+    assert gate_rate(safety, unsafe) == pytest.approx(1 / 3)
+    assert gate_rate(safety, unsafe, threshold=0.6) == pytest.approx(1.0)
+    assert gate_rate(safety, torch.ones(4, dtype=torch.bool)) == 0.0
 
 
 def test_token_kl_and_ppo_token_rewards_by_hand():

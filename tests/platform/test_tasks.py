@@ -99,6 +99,11 @@ def test_safety_family_refuses_unsafe_and_helps_safe():
     # deflections too: on an unsafe request, help with some other act instead of refusing
     assert any(is_refusal(p["chosen"]) and p["rejected"].startswith("Sure. To ")
                and p["rejected"].split(",")[0][len("Sure. To "):] not in p["prompt"] for p in pairs)
+    # a quarter are tasks: the right answer over a needless refusal, so the safety model scores task
+    # answers as safe and RLHF's gate leaves them to the helpfulness model
+    tasks = [p for p in pairs if not (is_refusal(p["chosen"]) or p["chosen"].startswith("Sure."))]
+    assert len(tasks) == 10 and all(p["rating"] == "better" and check_answer(p["prompt"], p["chosen"])
+                                    and is_refusal(p["rejected"]) for p in tasks)
     rl = suite.rl_prompts(200)
     assert any(r["safety"] for r in rl) and any(not r["safety"] for r in rl)
 
