@@ -101,7 +101,7 @@ def test_reward_models_rank_held_out_pairs(chain, kind):
 def test_evaluation_table_and_mlflow(chain):
     after = metrics_of(chain["after"])
     for key in ("exact_match_add", "exact_match_reverse", "exact_match_system", "refusal_rate_unsafe",
-                "false_refusal_rate_safe", "reward_helpfulness", "reward_safety", "perplexity"):
+                "false_refusal_rate_safe", "reward_helpfulness", "reward_safety", "safety_gate_rate", "perplexity"):
         assert key in after
     assert "| exact_match |" in open(chain["after"]["eval_markdown"]).read()
     run = tracking.client().get_run(chain["after"]["mlflow_run_id"])
