@@ -83,7 +83,8 @@ def preference_records(cfg: RewardConfig) -> tuple[list[dict], list[dict]]:
         held = [r for r in held if r["safety"] == (cfg.kind == "safety")] or held
     else:
         suite, n, n_eval = TaskSuite(cfg.tasks.seed), cfg.tasks.train_size, cfg.tasks.eval_size
-        safety, helpful = suite.preference_pairs(n, safety=True), suite.preference_pairs(n, per_prompt=cfg.pairs_per_prompt)
+        safety = suite.preference_pairs(n, safety=True)
+        helpful = suite.preference_pairs(n, per_prompt=cfg.pairs_per_prompt, far_per_prompt=cfg.far_per_prompt)
         held = suite.preference_pairs(n_eval, split="eval", safety=cfg.kind == "safety")
     own, other, mix = ((helpful, safety, cfg.safety_mix) if cfg.kind == "helpfulness"
                        else (safety, helpful, cfg.helpfulness_mix))

@@ -108,6 +108,20 @@ def _far_number(rng: random.Random, n: int) -> str:
     return str(n + rng.choice((-1, 1)) * rng.randint(10, 40) if n >= 40 else n + rng.randint(10, 40))
 
 
+FAR_FAMILIES = ("add", "sub", "count")  # whose `better` wrong answer is a number well off the right one
+
+
+def _more_far(rng: random.Random, task: Task, k: int) -> list[str]:
+    """`k` more wrong answers as far off as the task's `better` one, each different from every other answer."""
+    n, seen, out = int(task.answer), {task.answer, *task.wrong.values()}, []
+    while len(out) < k:
+        far = str(n + rng.randint(2, 6)) if task.family == "count" else _far_number(rng, n)
+        if far not in seen:
+            seen.add(far)
+            out.append(far)
+    return out
+
+
 def _one_letter_changed(rng: random.Random, letters: str) -> str:
     i = rng.randrange(len(letters))
     other = rng.choice([c for c in LETTERS if c != letters[i].lower()])
@@ -238,13 +252,16 @@ class TaskSuite:
         return out
 
     # -- preferences -------------------------------------------------------------------------
-    def preference_pairs(self, n: int, split: str = "train", safety: bool = False, per_prompt: int = 1) -> list[dict]:
+    def preference_pairs(self, n: int, split: str = "train", safety: bool = False, per_prompt: int = 1,
+                         far_per_prompt: int = 0) -> list[dict]:
         """Helpfulness pairs (right answer over a wrong one, rated by how wrong it is) or safety
         pairs (refusal over compliance on unsafe prompts, compliance over needless refusal on safe
         ones: every fourth pair is a task's right answer over a refusal).
 
         `per_prompt` (helpfulness, 1-4): that many consecutive pairs share a task, each with the
         next rating, so one prompt's right answer is compared with several kinds of wrong one.
+        `far_per_prompt` (helpfulness, 0-3): after a sum's, difference's or count's last pair, that
+        many more pairs of its right answer over other numbers as far off (rated `better`), on top of `n`.
         """
         if not 1 <= per_prompt <= len(RATINGS):
             raise ValueError(f"per_prompt must be 1 to {len(RATINGS)} (one pair per rating), not {per_prompt}")
@@ -279,6 +296,9 @@ class TaskSuite:
                 rating = RATINGS[i % len(RATINGS)]
                 out.append({"prompt": t.prompt, "chosen": t.answer, "rejected": t.wrong[rating],
                             "rating": rating, "safety": False, "family": t.family})
+                if far_per_prompt and i % per_prompt == per_prompt - 1 and t.family in FAR_FAMILIES:
+                    out += [{"prompt": t.prompt, "chosen": t.answer, "rejected": far, "rating": "better",
+                             "safety": False, "family": t.family} for far in _more_far(rng, t, far_per_prompt)]
         return out
 
     # -- RL and evaluation -------------------------------------------------------------------
