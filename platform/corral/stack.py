@@ -109,6 +109,10 @@ def _pid_alive(pid: int | None) -> bool:
 # the other waits for it. The tiny SFT step ran 10-25 % faster in a Ray Train worker at nice 0
 # (pipeline runs: 162 ms/step at 15, 145-154 at 0; the bare step in a worker: 143-157 vs 115-125).
 WORKER_PRIORITY = {"RAY_worker_niceness": "0"}
+# `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s).
+# The pipeline runner spends that time cancelling its steps and marking their MLflow runs KILLED;
+# on a loaded 2-core machine that took longer than 3 s, and the runs were left RUNNING.
+JOB_STOP_GRACE = {"RAY_JOB_STOP_WAIT_TIME_S": "30"}
 
 
 def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000, agent_port: int = 52365,
@@ -145,7 +149,7 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
         cmd += ["--num-cpus", str(num_cpus or max(8, os.cpu_count() or 1))]
         log("starting Ray head: " + " ".join(cmd[1:]))
         env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_uri, "RAY_AUTH_MODE": "token",
-               **WORKER_PRIORITY,
+               **WORKER_PRIORITY, **JOB_STOP_GRACE,
                # job entrypoints (`corral pipeline run ...`) find this environment's commands
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         ray_log = home / "logs" / "ray-start.log"

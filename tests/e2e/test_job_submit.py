@@ -130,3 +130,28 @@ def test_submit_stop_resubmit_and_load_the_registered_models(stack, tmp_path, mo
         model = corral.load_model(local)
         assert model.config.num_params() == corral.ModelConfig.preset("tiny").num_params(), version
         assert (Path(local) / "hf" / "config.json").is_file()  # the Hugging Face export travels with it
+
+
+def test_a_stopped_job_gets_time_to_unwind(stack, tmp_path):
+    """`ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s).
+    `corral up` gives a job 30 s: time for the pipeline runner to mark its MLflow runs KILLED on a
+    loaded machine. This job takes 6 s to unwind."""
+    mark = tmp_path / "unwound"
+    script = tmp_path / "slow_unwind.py"
+    script.write_text(
+        "import pathlib, signal, sys, time\n"
+        "def stop(*_):\n"
+        "    time.sleep(6)\n"
+        f"    pathlib.Path({str(mark)!r}).write_text('unwound')\n"
+        "    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"pathlib.Path({str(mark)!r} + '.started').touch()\n"
+        "time.sleep(600)\n")
+    r = cli("ray", "job", "submit", "--no-wait", "--", sys.executable, script, env=stack)
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", r.stdout + r.stderr).group(0)
+    deadline = time.time() + 300
+    while not Path(f"{mark}.started").exists():
+        assert time.time() < deadline, cli("ray", "job", "logs", job_id, env=stack, check=False).stdout[-3000:]
+        time.sleep(1)
+    cli("ray", "job", "stop", job_id, env=stack)
+    assert mark.is_file() and mark.read_text() == "unwound"
