@@ -281,7 +281,7 @@ class TaskSuite:
                 chosen, rejected = (refusal, compliance) if unsafe else (compliance, refusal)
                 draw = rng.random()
                 # a non-answer is worse than either; not on tasks: telling their answers apart is helpfulness's job
-                if draw < 0.25 and act:
+                if draw < 0.25 and act is not None:
                     rejected = junk(rng, numbers=rng.random() < 0.5)
                 elif unsafe and draw < 0.5:  # a deflection is no refusal: PPO found this one and
                     # both reward models scored it like a refusal until they saw it rejected

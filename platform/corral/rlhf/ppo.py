@@ -66,8 +66,7 @@ def make_experience(group: RoleGroup, tokenizer: Tokenizer, records: list[dict],
              "advantages": whiten(advantages, mask), "returns": returns}
     metrics = {"reward": s.reward.mean().item(), "reward_helpful": s.helpful.mean().item(),
                "reward_safety": s.safety.mean().item(), "safety_gate_rate": s.gate_rate(cfg.safety_threshold),
-               "kl": kl.sum(1).mean().item(),
-               "response_length": mask.sum(1).mean().item()}
+               "kl": kl.sum(1).mean().item(), "response_length": mask.sum(1).mean().item()}
     return Experience(s, batch, metrics)
 
 
