@@ -159,7 +159,8 @@ def test_ppo_raises_reward_on_its_training_prompts(ray_cluster, mlflow_server, m
     # kernels differ between CPUs, and ten iterations amplify the difference.
     assert last > first + 0.03, rewards
     run = tracking.client().get_run(run_id)
-    for key in ("kl", "entropy", "clip_fraction", "value_loss", "approx_kl", "response_length", "policy_loss"):
+    for key in ("kl", "entropy", "clip_fraction", "value_loss", "approx_kl", "response_length", "policy_loss",
+                "safety_gate_rate"):
         assert math.isfinite(run.data.metrics[key]), key
     assert run.data.params["beta_used"] == "0.01"
     artifacts = {a.path for a in tracking.client().list_artifacts(run_id, "samples")}
@@ -170,7 +171,9 @@ def test_ppo_raises_reward_on_its_training_prompts(ray_cluster, mlflow_server, m
     export_hf(out["model"], tmp_path / "hf")
     assert (tmp_path / "hf" / "config.json").is_file()
     summary = json.loads(open(out["summary"]).read())
-    assert {"heldout_reward_start", "heldout_reward_end", "heldout_reward_delta_ci_low"} <= summary.keys()
+    assert {"heldout_reward_start", "heldout_reward_end", "heldout_reward_delta_ci_low",
+            "heldout_safety_gate_rate_start"} <= summary.keys()
+    assert 0 <= summary["heldout_safety_gate_rate_start"] <= 1
 
 
 @pytest.mark.slow
