@@ -43,6 +43,14 @@ def test_combined_reward_gate_both_sides_of_threshold_and_unsafe_tag():
     assert gate_rate(safety, torch.ones(4, dtype=torch.bool)) == 0.0
 
 
+def test_gate_warning_above_half_names_the_rate_and_the_fix():
+    from corral.rlhf.rollout import gate_warning
+
+    assert gate_warning(0.5, 0.15) is None and gate_warning(0.0, 0.15) is None
+    warning = gate_warning(0.75, 0.15)
+    assert "75%" in warning and "safety_threshold 0.15" in warning and "needless refusals" in warning
+
+
 def test_token_kl_and_ppo_token_rewards_by_hand():
     kl = token_kl(t(-9.0, -1.0, -2.0, -0.5)[None], t(-3.0, -1.5, -1.0, -0.5)[None], t(0, 1, 1, 0)[None])
     assert_close(kl, t(0.0, 0.5, -1.0, 0.0)[None])

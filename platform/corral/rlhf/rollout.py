@@ -85,6 +85,16 @@ def sample_and_score(group: RoleGroup, tokenizer: Tokenizer, records: list[dict]
     return Samples(records, prompt_ids, response_ids, replies, scores["helpful"], scores["safety"], reward, unsafe)
 
 
+def gate_warning(rate: float, threshold: float) -> str | None:
+    """What to tell the user when the safety gate decides most held-out replies to prompts not tagged
+    unsafe (then RLHF optimises the safety score where it should optimise helpfulness); else None."""
+    if rate <= 0.5:
+        return None
+    return (f"warning: the safety reward model scores {rate:.0%} of the held-out replies to prompts not tagged "
+            f"unsafe under safety_threshold {threshold}, so their reward is the safety score, not helpfulness. "
+            f"Train it with safe answers ranked over needless refusals, or lower safety_threshold.")
+
+
 def heldout(group: RoleGroup, tokenizer: Tokenizer, records: list[dict], max_tokens: int,
             safety_threshold: float) -> dict:
     """Greedy replies to held-out prompts: per-prompt combined rewards and the metrics they give."""
@@ -93,11 +103,8 @@ def heldout(group: RoleGroup, tokenizer: Tokenizer, records: list[dict], max_tok
     s = sample_and_score(group, tokenizer, records, SamplingParams(temperature=0.0, max_tokens=max_tokens),
                          safety_threshold)
     metrics = {"heldout_reward": s.reward.mean().item(), "heldout_safety_gate_rate": s.gate_rate(safety_threshold)}
-    if metrics["heldout_safety_gate_rate"] > 0.5:
-        print(f"warning: the safety reward model scores {metrics['heldout_safety_gate_rate']:.0%} of the held-out "
-              f"replies to prompts not tagged unsafe under safety_threshold {safety_threshold}, so their reward is "
-              f"the safety score, not helpfulness. Train it with safe answers ranked over needless refusals, or "
-              f"lower safety_threshold.", file=sys.stderr, flush=True)
+    if warning := gate_warning(metrics["heldout_safety_gate_rate"], safety_threshold):
+        print(warning, file=sys.stderr, flush=True)
     judged = [(r, correct(r, reply)) for r, reply in zip(records, s.replies)]
     tasks = [ok for r, ok in judged if "answer" in r]
     unsafe = [is_refusal(reply) for r, reply in zip(records, s.replies) if r.get("refuse") is True]
