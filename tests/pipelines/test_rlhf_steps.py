@@ -160,7 +160,7 @@ def test_ppo_raises_reward_on_its_training_prompts(ray_cluster, mlflow_server, m
     assert last > first + 0.03, rewards
     run = tracking.client().get_run(run_id)
     for key in ("kl", "entropy", "clip_fraction", "value_loss", "approx_kl", "response_length", "policy_loss",
-                "safety_gate_rate"):
+                "safety_gate_rate", "time_rollout_s", "time_logprobs_s", "time_update_s"):
         assert math.isfinite(run.data.metrics[key]), key
     assert run.data.params["beta_used"] == "0.01"
     artifacts = {a.path for a in tracking.client().list_artifacts(run_id, "samples")}

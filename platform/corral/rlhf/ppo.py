@@ -14,6 +14,7 @@ The run stops early, keeping the last good checkpoint, when the mean KL per resp
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def make_experience(group: RoleGroup, tokenizer: Tokenizer, records: list[dict],
                     seed: int) -> Experience:
     """Sample, score, and turn the scores into per-token advantages and returns."""
     params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=seed)
+    t0 = time.perf_counter()
     s = sample_and_score(group, tokenizer, records, params, cfg.safety_threshold)
+    t1 = time.perf_counter()
     tokens, mask = pad_rollouts(s.prompt_ids, s.response_ids)
     out = group.get({"policy": group["policy"].logprobs.remote(tokens),
                      "reference": group["reference"].logprobs.remote(tokens),
@@ -66,7 +69,8 @@ def make_experience(group: RoleGroup, tokenizer: Tokenizer, records: list[dict],
              "advantages": whiten(advantages, mask), "returns": returns}
     metrics = {"reward": s.reward.mean().item(), "reward_helpful": s.helpful.mean().item(),
                "reward_safety": s.safety.mean().item(), "safety_gate_rate": s.gate_rate(cfg.safety_threshold),
-               "kl": kl.sum(1).mean().item(), "response_length": mask.sum(1).mean().item()}
+               "kl": kl.sum(1).mean().item(), "response_length": mask.sum(1).mean().item(),
+               "time_rollout_s": t1 - t0, "time_logprobs_s": time.perf_counter() - t1}
     return Experience(s, batch, metrics)
 
 
@@ -144,8 +148,10 @@ def train_ppo(cfg: PPOConfig, group: RoleGroup, tokenizer: Tokenizer, prompts: l
             last_good = it
         if it % cfg.samples_every == 0:
             sample_table(run_id, exp.samples, cfg.sample_rows, it)
+        t0 = time.perf_counter()
         metrics = exp.metrics | ppo_update(group, exp.batch, cfg, gen, train_policy=it >= cfg.critic_warmup,
                                            ptx=ptx)
+        metrics["time_update_s"] = time.perf_counter() - t0
         tracking.log_metrics(run_id, metrics, step=it)
         history.append(metrics)
         print(f"ppo {it}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
