@@ -254,8 +254,7 @@ class RewardConfig(BaseModel):
     pairs_per_prompt: int = Field(default=1, ge=1, le=4, description="task suite, helpfulness: pairs drawn per "
                                   "training prompt, one per rating (its right answer against several wrong ones)")
     far_per_prompt: int = Field(default=0, ge=0, le=3, description="task suite, helpfulness: more wrong answers "
-                                "well off the right one (rated better) for each sum, difference and count prompt, and "
-                                "reorderings of each reversal's letters")
+                                "well off the right one (rated better) for each sum, difference and count prompt")
     margin: str = Field(default="large", pattern="^(large|small|none)$", description="m(rating) in the loss")
     epochs: float = Field(default=1.0, gt=0, description="Llama 2 trains reward models for one epoch")
     output_dir: str | None = Field(default=None, description="None = the pipeline's step directory")

@@ -108,30 +108,22 @@ def test_safety_family_refuses_unsafe_and_helps_safe():
     assert any(r["safety"] for r in rl) and any(not r["safety"] for r in rl)
 
 
-def test_far_answers_add_better_pairs_to_numeric_and_reversal_prompts_only():
+def test_far_answers_add_better_pairs_to_numeric_prompts_only():
     suite = TaskSuite(seed=3)
-    pairs, at, extended = suite.preference_pairs(400, per_prompt=4, far_per_prompt=3), 0, {}
-    while at < len(pairs):  # each prompt: its 4 pairs, one per rating, then up to 3 more (3 if numeric)
+    pairs, at, numeric = suite.preference_pairs(400, per_prompt=4, far_per_prompt=3), 0, 0
+    while at < len(pairs):  # each prompt: its 4 pairs, one per rating, then 3 more if numeric
         base = pairs[at:at + 4]
         assert [p["rating"] for p in base] == list(RATINGS) and len({p["prompt"] for p in base}) == 1
-        family, n_more = base[0]["family"], 0
-        while n_more < 3 and at + 4 + n_more < len(pairs) and pairs[at + 4 + n_more]["rating"] == "better":
-            n_more += 1  # a next prompt's row starts with significantly_better
+        n_more = 3 if base[0]["family"] in ("add", "sub", "count") else 0
         extra = pairs[at + 4:at + 4 + n_more]
         for p in extra:
-            assert p["prompt"] == base[0]["prompt"] and p["chosen"] == base[0]["chosen"] and p["rating"] == "better"
-            if family == "reverse":  # the same letters in another order
-                assert sorted(p["rejected"].split()) == sorted(p["chosen"].split())
-            else:
-                right, wrong = int(p["chosen"]), int(p["rejected"])
-                assert 2 <= wrong - right <= 6 if family == "count" else 10 <= abs(wrong - right) <= 40
-        assert n_more == 3 if family in ("add", "sub", "count") else family == "reverse" or n_more == 0
+            right, wrong = int(p["chosen"]), int(p["rejected"])
+            assert p["prompt"] == base[0]["prompt"] and p["rating"] == "better" and right == int(base[0]["chosen"])
+            assert 2 <= wrong - right <= 6 if p["family"] == "count" else 10 <= abs(wrong - right) <= 40
         rejected = [p["rejected"] for p in base + extra]
         assert len(set(rejected)) == len(rejected)  # every answer in the row differs
-        extended[family] = extended.get(family, 0) + n_more
-        at += 4 + n_more
-    assert all(extended[f] > 0 for f in ("add", "sub", "count", "reverse"))
-    assert len(pairs) == 400 + sum(extended.values())
+        numeric, at = numeric + bool(n_more), at + 4 + n_more
+    assert 0 < numeric < 100 and len(pairs) == 400 + 3 * numeric
     # held-out pairs stay as they were
     assert suite.preference_pairs(100, split="eval") == TaskSuite(seed=3).preference_pairs(100, split="eval")
 

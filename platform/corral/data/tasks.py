@@ -108,23 +108,14 @@ def _far_number(rng: random.Random, n: int) -> str:
     return str(n + rng.choice((-1, 1)) * rng.randint(10, 40) if n >= 40 else n + rng.randint(10, 40))
 
 
-FAR_FAMILIES = ("add", "sub", "count", "reverse")  # whose `better` answer is a number well off, or the word unreversed
+FAR_FAMILIES = ("add", "sub", "count")  # whose `better` wrong answer is a number well off the right one
 
 
 def _more_far(rng: random.Random, task: Task, k: int) -> list[str]:
-    """Up to `k` more wrong answers as far off as the task's `better` one, each different from every
-    other answer: numbers as far from the right one, or the reversed word's letters in another order
-    (a short word with repeated letters may have fewer)."""
-    seen, out = {task.answer, *task.wrong.values()}, []
-    for _ in range(20 * k):
-        if len(out) == k:
-            break
-        if task.family == "reverse":
-            letters = task.answer.split()
-            far = spell("".join(rng.sample(letters, len(letters))))
-        else:
-            n = int(task.answer)
-            far = str(n + rng.randint(2, 6)) if task.family == "count" else _far_number(rng, n)
+    """`k` more wrong answers as far off as the task's `better` one, each different from every other answer."""
+    n, seen, out = int(task.answer), {task.answer, *task.wrong.values()}, []
+    while len(out) < k:
+        far = str(n + rng.randint(2, 6)) if task.family == "count" else _far_number(rng, n)
         if far not in seen:
             seen.add(far)
             out.append(far)
@@ -269,9 +260,8 @@ class TaskSuite:
 
         `per_prompt` (helpfulness, 1-4): that many consecutive pairs share a task, each with the
         next rating, so one prompt's right answer is compared with several kinds of wrong one.
-        `far_per_prompt` (helpfulness, 0-3): after a sum's, difference's, count's or reversal's last
-        pair, up to that many more pairs of its right answer over other numbers as far off, or its
-        letters in another order (rated `better`), on top of `n`.
+        `far_per_prompt` (helpfulness, 0-3): after a sum's, difference's or count's last pair, that
+        many more pairs of its right answer over other numbers as far off (rated `better`), on top of `n`.
         """
         if not 1 <= per_prompt <= len(RATINGS):
             raise ValueError(f"per_prompt must be 1 to {len(RATINGS)} (one pair per rating), not {per_prompt}")
