@@ -12,7 +12,7 @@ from corral.config import DeepSpeedConfig, ModelConfig, OptimConfig
 from corral.model import Transformer
 from corral.train.losses import causal_lm_loss, pretrain_loss
 from corral.train.schedule import lr_factor
-from corral.train.strategy import param_groups
+from corral.train.strategy import cpu_flags, param_groups, slow_bf16_warning
 
 
 def test_warmup_then_cosine_to_ten_percent():
@@ -32,6 +32,18 @@ def test_weight_decay_on_matrices_not_norm_gains():
     assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if "norm" in n}
     assert "tok_embeddings.weight" in {names[id(p)] for p in decay["params"]}
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.config.num_params()
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns():
+    avx2 = {"fpu", "avx", "avx2", "fma"}
+    warning = slow_bf16_warning(True, False, avx2)
+    assert "avx512_bf16" in warning and "bf16: false" in warning
+    assert slow_bf16_warning(True, False, avx2 | {"avx512f", "avx512_bf16"}) is None
+    assert slow_bf16_warning(True, False, avx2 | {"amx_bf16"}) is None
+    assert slow_bf16_warning(False, False, avx2) is None  # fp32
+    assert slow_bf16_warning(True, True, avx2) is None  # a GPU does the matmuls
+    assert slow_bf16_warning(True, False, set()) is None  # flags unknown: no guess
+    assert "fpu" in cpu_flags()  # read off this Linux machine
 
 
 def test_causal_lm_loss_by_hand():
