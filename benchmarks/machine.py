@@ -3,7 +3,7 @@
 The bars of the alignment issues are wall-clock minutes on a 2-core machine, but the machines this
 project runs on are not all alike: DESIGN.md measured fp32 ~170 and bf16 ~700 GFLOP/s on its
 development machine (a CPU with AVX-512 bf16), and some days the same sandbox ran on a CPU with only
-AVX2, where fp32 is about half that and bf16 has no fast path at all. Run this beside a timing and
+AVX2, where fp32 ran 139 GFLOP/s and bf16, with no fast path, 0.8. Run this beside a timing and
 quote both. Writes benchmarks/results/machine.json.
 
     .venv/bin/python benchmarks/machine.py [--threads 2 --size 1024 --seconds 3]
@@ -45,8 +45,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per dtype")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    simd = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
     result = {"threads": args.threads, "size": args.size, "cpu": platform.processor() or platform.machine(),
-              "simd": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma"))), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+              "simd": simd, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         result[f"{name}_gflops"] = round(gflops(dtype, args.size, args.seconds), 1)
         print(f"{name}: {result[f'{name}_gflops']:,.1f} GFLOP/s ({args.threads} threads, {args.size}^2 matmul)",

@@ -79,13 +79,13 @@ def cpu_flags() -> set[str]:
 def slow_bf16_warning(bf16: bool, cuda: bool, flags: set[str]) -> str | None:
     """A warning when bf16 training would run on a CPU without a bf16 fast path, else None.
 
-    Measured in this sandbox on an AVX2-only CPU: a 1024^2 bf16 matmul ran at 0.8 GFLOP/s against
-    90 for fp32; on the AVX-512 bf16 CPU of DESIGN.md bf16 was ~4x faster than fp32.
+    Measured in this sandbox on an AVX2-only CPU (`benchmarks/machine.py`): a 1024^2 bf16 matmul ran
+    at 0.8 GFLOP/s against 139 for fp32; on the AVX-512 bf16 CPU of DESIGN.md bf16 was ~4x faster.
     """
     if not bf16 or cuda or not flags or any(f in flags for f in FAST_BF16_FLAGS):
         return None
     return ("warning: deepspeed.bf16 is on, but this CPU has no bf16 instructions (avx512_bf16 or amx_bf16): "
-            "bf16 matmuls can run ~100x slower than fp32 here. Set `deepspeed: {bf16: false}` for CPU runs.")
+            "bf16 matmuls can run over 100x slower than fp32 here. Set `deepspeed: {bf16: false}` for CPU runs.")
 
 
 class DeepSpeedStrategy:
