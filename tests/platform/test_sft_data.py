@@ -82,29 +82,45 @@ def test_packing_never_crosses_dialogs(tokenizer):
     examples = [encode_record(tokenizer, r) for r in records]
     seq_len = 96
     packed = pack(examples, seq_len)
-    inputs, labels = packed["input_ids"], packed["labels"]
-    assert inputs.shape == labels.shape and inputs.shape[1] == seq_len
-    # Rebuild which dialog every token belongs to and where its answers are.
+    inputs, labels, positions = packed["input_ids"], packed["labels"], packed["positions"]
+    assert inputs.shape == labels.shape == positions.shape and inputs.shape[1] == seq_len
     kept = [e for e in examples if len(e[0]) <= seq_len + 1]
     assert packed["dropped"] == len(examples) - len(kept)
-    owner = np.full((inputs.shape[0], seq_len + 1), -1)
-    answer = np.zeros_like(owner, dtype=bool)
-    row, col = 0, 0
-    for d, (ids, mask) in enumerate(kept):
-        if col + len(ids) > seq_len + 1:
-            row, col = row + 1, 0
-        owner[row, col:col + len(ids)] = d
-        answer[row, col:col + len(ids)] = mask
-        assert list(inputs[row, col:col + len(ids)][: seq_len - col]) == ids[: seq_len - col]
-        assert list(packed["positions"][row, col:col + len(ids)]) == list(range(len(ids)))[: seq_len - col]
-        col += len(ids)
-    assert row == inputs.shape[0] - 1
+    # Rebuild every row's dialogs from the positions (0 starts one); the row's last token, past the
+    # inputs, is the last label when a dialog ends there. Padding is one-token runs of pad id 0.
+    rows = np.concatenate([inputs, np.where(labels[:, -1:] != IGNORE, labels[:, -1:], 0)], axis=1)
+    masks = {tuple(ids): mask for ids, mask in kept}
+    found, owner, answer = [], np.full(rows.shape, -1), np.zeros(rows.shape, dtype=bool)
+    for r in range(len(rows)):
+        starts = [t for t in range(seq_len) if positions[r, t] == 0] + [seq_len + 1]
+        for a, b in zip(starts, starts[1:]):
+            ids = tuple(rows[r, a:b].tolist())
+            if b == seq_len + 1 and ids[-1] == 0:  # the row ends in padding
+                ids = ids[:-1]
+            if ids == (0,) or not ids:
+                continue
+            assert list(positions[r, a:a + len(ids)][:seq_len - a]) == list(range(len(ids)))[:seq_len - a]
+            owner[r, a:a + len(ids)], answer[r, a:a + len(ids)] = len(found), masks[ids]
+            found.append(ids)
+    assert sorted(found) == sorted(tuple(ids) for ids, _ in kept)  # every dialog whole, exactly once
+    # Best fit: a row opens only when no open row has room, so at most one row is half empty or more.
+    free = (seq_len + 1) - np.array([(owner[i] >= 0).sum() for i in range(len(rows))])
+    assert (free >= (seq_len + 1) / 2).sum() <= 1
     r, t = np.nonzero(labels != IGNORE)
     assert len(r) == sum(sum(m) for _, m in kept)  # every answer token is a label exactly once
     assert (owner[r, t] == owner[r, t + 1]).all()  # a loss position predicts a token of its own dialog
     assert answer[r, t + 1].all()  # ... and that token is an answer token, never a prompt token
     first_tokens = inputs == tokenizer.bos_id
     assert not (labels[:, :-1][first_tokens[:, 1:]] != IGNORE).any()  # BOS is never a label
+
+
+def test_pack_fills_the_row_with_the_least_room_left():
+    # Room for 9 tokens a row. In order, 6 | 5 + 3 | 4 would take three rows; best fit puts 3 after
+    # the 6 (room 3) and 4 after the 5 (room 4): two full rows, each dialog whole and in place.
+    examples = [([1] + [n] * (n - 1), [False] * n) for n in (6, 5, 3, 4)]
+    packed = pack(examples, seq_len=8)
+    assert [row[:8] for row in packed["input_ids"].tolist()] == [[1, 6, 6, 6, 6, 6, 1, 3], [1, 5, 5, 5, 5, 1, 4, 4]]
+    assert packed["positions"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1], [0, 1, 2, 3, 4, 0, 1, 2]]
 
 
 def test_a_packed_dialog_is_seen_as_if_alone():
