@@ -35,12 +35,21 @@ def client() -> MlflowClient:
     return MlflowClient()  # MLFLOW_TRACKING_URI, or ./mlruns when unset
 
 
+def artifact_location() -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite database (MLflow's default is
+    ./mlruns in whatever directory the process runs in); a server's own default otherwise."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+
+
 def start_run(experiment: str, run_name: str | None = None, parent_run_id: str | None = None,
               tags: Mapping[str, str] | None = None) -> str:
     """Create a run in `experiment` (created if missing), nested under `parent_run_id`; its id."""
     c = client()
     exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else c.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp is not None else c.create_experiment(experiment, artifact_location())
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id

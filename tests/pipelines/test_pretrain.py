@@ -206,7 +206,8 @@ def test_zero3_on_two_workers_matches_one_worker_without_zero(prepared, tmp_path
 
 def test_a_step_run_alone_with_an_empty_tracking_uri_logs_to_its_own_sqlite(prepared, tmp_path, monkeypatch):
     """`MLFLOW_TRACKING_URI=` (set, empty) means no server: the step's run is made and logged to in
-    its output directory by this process and the workers alike (mlflow itself would use ./mlflow.db)."""
+    its output directory by this process and the workers alike (mlflow itself would use ./mlflow.db
+    and ./mlruns)."""
     from pipelines.steps import pretrain
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
@@ -217,6 +218,10 @@ def test_a_step_run_alone_with_an_empty_tracking_uri_logs_to_its_own_sqlite(prep
     assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
     assert len(tracking.metric_history(run_id, "loss")) == 2
     assert not (tmp_path / "mlflow.db").exists()
+    # ... and its artifacts (config, model) beside the database, not in ./mlruns
+    artifacts = tmp_path / "out" / "mlartifacts"
+    assert tracking.client().get_run(run_id).info.artifact_uri.startswith(artifacts.as_uri())
+    assert list(artifacts.rglob("config.yaml")) and not (tmp_path / "mlruns").exists()
 
 
 def test_bad_data_fails_before_any_worker_starts(prepared, tmp_path):
