@@ -52,21 +52,16 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on SQLite with served artifacts, for the whole session."""
-    import subprocess
-    import sys
     import time
     import urllib.request
+
+    from corral.stack import start_mlflow_server
 
     home = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "artifacts"),
-         "--serve-artifacts", "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    proc = start_mlflow_server(port, home / "mlflow.db", home / "artifacts", log)
     deadline = time.time() + 300  # a loaded 2-core machine takes minutes
     while True:
         try:

@@ -45,6 +45,8 @@ def stack(tmp_path_factory):
         "--agent-port", ports[3], env=env)  # twice is harmless
     assert (home / ".ray" / "auth_token").is_file()  # made by `corral up`: Ray refuses to start without one
     state = json.loads((home / "stack.json").read_text())
+    server = psutil.Process(state["mlflow_pid"])  # without MLflow's job runner: its consumers poll all day
+    assert not [p for p in server.children(recursive=True) if "mlflow.server.jobs" in " ".join(p.cmdline())]
     env |= {"RAY_ADDRESS": f"127.0.0.1:{ports[0]}", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{ports[1]}",
             "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports[2]}"}
     yield env
