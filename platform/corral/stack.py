@@ -33,7 +33,8 @@ class Stack:
     mlflow_port: int = 5000
     agent_port: int = 52365  # the dashboard agent serves job submission; two clusters on one host need two
     ray_started: bool = False  # False when a Ray head was already running: `down` leaves it alone
-    ray_session: str | None = None  # /tmp/ray/session_...: names every process of the head we started
+    ray_session: str | None = None  # /tmp/ray/session_...: named by the head's main processes
+    ray_pgid: int | None = None  # the process group of everything `ray start` left running (agents included)
     mlflow_pid: int | None = None
 
     @property
@@ -171,9 +172,12 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
             if subprocess.run([_ray_bin(), "get-auth-token", "--generate"], env=env, stdout=subprocess.DEVNULL,
                               stderr=out).returncode:
                 raise RuntimeError(f"`ray get-auth-token --generate` failed; see {ray_log}")
-            if subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode:
+            # its own process group: the dashboard and runtime-env agents and the client server
+            # rename themselves ("ray::DashboardAgent") and name no session for `down` to find
+            start = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            if start.wait():
                 raise RuntimeError(f"`ray start` failed; see {ray_log}")
-        stack.ray_started, stack.ray_session = True, _ray_session(stack.ray_port)
+        stack.ray_started, stack.ray_session, stack.ray_pgid = True, _ray_session(stack.ray_port), start.pid
         _save_state(stack)
         _wait_for(stack.dashboard_url + "/api/version", "Ray dashboard", 300, log=ray_log)
         # `ray job submit` goes through the dashboard agent, which starts after the dashboard:
@@ -197,13 +201,26 @@ def _ray_session(gcs_port: int) -> str | None:
     return None
 
 
-def _stop_session(session: str) -> int:
-    """SIGTERM, then SIGKILL, every process of one Ray session. `ray stop` would stop every Ray
-    instance on the machine, including ones corral did not start."""
+def ray_processes(stack: Stack) -> list:
+    """Every process of the Ray head `up` started: its process group, or naming its session."""
     import psutil
 
-    procs = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
-             and any(session in a for a in (p.info["cmdline"] or []))]
+    return [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
+            and (_same_group(p, stack.ray_pgid) or any(stack.ray_session in a for a in (p.info["cmdline"] or [])))]
+
+
+def _same_group(proc, pgid: int | None) -> bool:
+    try:
+        return pgid is not None and os.getpgid(proc.pid) == pgid
+    except OSError:
+        return False
+
+
+def _stop(procs: list) -> int:
+    """SIGTERM, then SIGKILL after 15 s (a loaded host can take that long to shut uvicorn down).
+    `ray stop` would stop every Ray instance on the machine, including ones corral did not start."""
+    import psutil
+
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
@@ -211,14 +228,8 @@ def _stop_session(session: str) -> int:
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
+    psutil.wait_procs(alive, timeout=15)
     return len(procs)
-
-
-def _same_group(proc, pgid: int) -> bool:
-    try:
-        return os.getpgid(proc.pid) == pgid
-    except OSError:
-        return False
 
 
 def down(log=print) -> None:
@@ -228,19 +239,11 @@ def down(log=print) -> None:
         log("nothing to stop: corral up has not run here")
         return
     if stack.ray_started and stack.ray_session:
-        log(f"stopped Ray ({_stop_session(stack.ray_session)} processes of {stack.ray_session})")
+        log(f"stopped Ray ({_stop(ray_processes(stack))} processes of {stack.ray_session})")
     if _pid_alive(stack.mlflow_pid):
         import psutil
 
-        group = [p for p in psutil.process_iter() if _same_group(p, stack.mlflow_pid)]  # server + uvicorn workers
-        for p in group:
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(group, timeout=15)
-        for p in alive:  # a loaded host can take longer than that to shut uvicorn down
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=15)
+        _stop([p for p in psutil.process_iter() if _same_group(p, stack.mlflow_pid)])  # server + uvicorn workers
         log("stopped MLflow")
     _state_file().unlink()
 

@@ -4,6 +4,7 @@ and the registered models loaded back; then `corral down` leaves nothing running
 Runs before the rest of the suite's Ray cluster exists (tests/e2e sorts first) and uses its own
 ports, so it never shares a Ray head with other tests."""
 
+import contextlib
 import json
 import os
 import re
@@ -49,12 +50,21 @@ def stack(tmp_path_factory):
     assert not [p for p in server.children(recursive=True) if "mlflow.server.jobs" in " ".join(p.cmdline())]
     env |= {"RAY_ADDRESS": f"127.0.0.1:{ports[0]}", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{ports[1]}",
             "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports[2]}"}
+    # the agents rename themselves ("ray::DashboardAgent"): only their process group says whose they are
+    assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= {" ".join(p.cmdline()) for p in head_processes(state)}
     yield env
     cli("corral", "down", env=env)
-    leftovers = [p for p in psutil.process_iter(["cmdline"]) if any(state["ray_session"] in a for a in p.info["cmdline"] or [])]
-    assert not leftovers, f"corral down left {len(leftovers)} Ray processes"
+    leftovers = [" ".join(p.cmdline())[:80] for p in head_processes(state)]
+    assert not leftovers, f"corral down left {len(leftovers)} Ray processes: {leftovers}"
     assert not psutil.pid_exists(state["mlflow_pid"]) or psutil.Process(state["mlflow_pid"]).status() == "zombie", \
         "corral down left the MLflow server running"
+
+
+def head_processes(state: dict) -> list[psutil.Process]:
+    def ours(p):
+        with contextlib.suppress(psutil.Error):
+            return os.getpgid(p.pid) == state["ray_pgid"] or any(state["ray_session"] in a for a in p.cmdline())
+    return [p for p in psutil.process_iter() if ours(p)]
 
 
 def short_spec(tmp: Path) -> Path:
