@@ -1,6 +1,5 @@
 """The task suite: deterministic, checkable, held-out sets disjoint from training; validated readers."""
 
-import itertools
 import json
 import re
 
@@ -109,31 +108,22 @@ def test_safety_family_refuses_unsafe_and_helps_safe():
     assert any(r["safety"] for r in rl) and any(not r["safety"] for r in rl)
 
 
-def test_far_answers_add_better_pairs_to_numeric_and_reversal_prompts_only():
+def test_far_answers_add_better_pairs_to_numeric_prompts_only():
     suite = TaskSuite(seed=3)
-    pairs = suite.preference_pairs(400, per_prompt=4, far_per_prompt=3)
-    at = numeric = reversals = extras = 0
-    while at < len(pairs):  # each prompt: its 4 pairs, one per rating, then up to 3 more
+    pairs, at, numeric = suite.preference_pairs(400, per_prompt=4, far_per_prompt=3), 0, 0
+    while at < len(pairs):  # each prompt: its 4 pairs, one per rating, then 3 more if numeric
         base = pairs[at:at + 4]
         assert [p["rating"] for p in base] == list(RATINGS) and len({p["prompt"] for p in base}) == 1
-        family, right = base[0]["family"], base[0]["chosen"]
-        n_more = 3 if family in ("add", "sub", "count") else 0
-        if family == "reverse":  # other orders of the letters: a 3-letter word may have fewer than 3 left
-            n_more = min(3, len(set(itertools.permutations(right.split()))) - 2)
+        n_more = 3 if base[0]["family"] in ("add", "sub", "count") else 0
         extra = pairs[at + 4:at + 4 + n_more]
         for p in extra:
-            assert p["prompt"] == base[0]["prompt"] and p["rating"] == "better" and p["chosen"] == right
-            if family == "reverse":
-                assert sorted(p["rejected"].split()) == sorted(right.split()) and p["rejected"] != base[1]["rejected"]
-            else:
-                gap = int(p["rejected"]) - int(right)
-                assert 2 <= gap <= 6 if family == "count" else 10 <= abs(gap) <= 40
+            right, wrong = int(p["chosen"]), int(p["rejected"])
+            assert p["prompt"] == base[0]["prompt"] and p["rating"] == "better" and right == int(base[0]["chosen"])
+            assert 2 <= wrong - right <= 6 if p["family"] == "count" else 10 <= abs(wrong - right) <= 40
         rejected = [p["rejected"] for p in base + extra]
-        assert len(set(rejected) | {right}) == len(rejected) + 1  # every answer in the row differs
-        numeric, reversals = numeric + (family in ("add", "sub", "count")), reversals + (family == "reverse")
-        at, extras = at + 4 + n_more, extras + n_more
-    assert 0 < numeric < 100 and 0 < reversals < 50
-    assert at == len(pairs) == 400 + extras
+        assert len(set(rejected)) == len(rejected)  # every answer in the row differs
+        numeric, at = numeric + bool(n_more), at + 4 + n_more
+    assert 0 < numeric < 100 and len(pairs) == 400 + 3 * numeric
     # held-out pairs stay as they were
     assert suite.preference_pairs(100, split="eval") == TaskSuite(seed=3).preference_pairs(100, split="eval")
 

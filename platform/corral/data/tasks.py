@@ -20,7 +20,6 @@ them (or their capitals) a piece.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,20 +108,12 @@ def _far_number(rng: random.Random, n: int) -> str:
     return str(n + rng.choice((-1, 1)) * rng.randint(10, 40) if n >= 40 else n + rng.randint(10, 40))
 
 
-# Whose `better` wrong answer has look-alikes: a number well off the right one, or the word's letters in
-# another order than reversed (the `better` answer is the word as given).
-FAR_FAMILIES = ("add", "sub", "count", "reverse")
+FAR_FAMILIES = ("add", "sub", "count")  # whose `better` wrong answer is a number well off the right one
 
 
 def _more_far(rng: random.Random, task: Task, k: int) -> list[str]:
-    """Up to `k` more wrong answers as far off as the task's `better` one, each different from every
-    other answer: numbers as far off, or other orders of a reversal's letters (a short word has few)."""
-    seen = {task.answer, *task.wrong.values()}
-    if task.family == "reverse":
-        letters = task.answer.split()
-        orders = sorted({spell("".join(p)) for p in itertools.permutations(letters)} - seen)
-        return rng.sample(orders, min(k, len(orders)))
-    n, out = int(task.answer), []
+    """`k` more wrong answers as far off as the task's `better` one, each different from every other answer."""
+    n, seen, out = int(task.answer), {task.answer, *task.wrong.values()}, []
     while len(out) < k:
         far = str(n + rng.randint(2, 6)) if task.family == "count" else _far_number(rng, n)
         if far not in seen:
@@ -270,8 +261,7 @@ class TaskSuite:
         `per_prompt` (helpfulness, 1-4): that many consecutive pairs share a task, each with the
         next rating, so one prompt's right answer is compared with several kinds of wrong one.
         `far_per_prompt` (helpfulness, 0-3): after a sum's, difference's or count's last pair, that
-        many more pairs of its right answer over other numbers as far off, and after a reversal's, over
-        its letters in other orders (rated `better`), on top of `n`.
+        many more pairs of its right answer over other numbers as far off (rated `better`), on top of `n`.
         """
         if not 1 <= per_prompt <= len(RATINGS):
             raise ValueError(f"per_prompt must be 1 to {len(RATINGS)} (one pair per rating), not {per_prompt}")
