@@ -3,7 +3,8 @@
 inputs: `model` (the policy to start from, e.g. the SFT step's; `config.policy` wins), `upstream`
 (reward steps named by `helpful_reward` / `safety_reward`), `run_id` from a pipeline.
 outputs: `model` (the fine-tuned policy, corral format), `mlflow_run_id`, `summary` (JSON with
-held-out metrics before and after).
+held-out metrics before and after), `kept` (the best answer per training prompt, SFT JSONL: the
+dialogs the policy was last fine-tuned on, also the run's `kept.jsonl` artifact).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from corral import tracking
 from corral.checkpoint import load_tokenizer
+from corral.data.formats import write_records
 from corral.rlhf.actors import RoleGroup
 from corral.rlhf.config import RejectionSamplingConfig, RLStepConfig
 from corral.rlhf.rejection import rejection_sampling, rs_roles
@@ -75,7 +77,7 @@ def run(config: RejectionSamplingConfig | dict, inputs: dict) -> dict:
         group = RoleGroup(rs_roles(cfg, policy, helpful, safety), cfg.resources, "rejection sampling")
         try:
             before = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
-            rejection_sampling(cfg, group, tokenizer, train, run_id)
+            _, kept = rejection_sampling(cfg, group, tokenizer, train, run_id)
             after = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
             group.call("policy", "save", str(out / "policy"), {"stage": "rejection_sampling", "rounds": cfg.rounds},
                        doing="saving")
@@ -85,5 +87,7 @@ def run(config: RejectionSamplingConfig | dict, inputs: dict) -> dict:
         tracking.log_metrics(run_id, summary, step=cfg.rounds)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print("rejection sampling held-out: " + json.dumps(summary), file=sys.stderr)
+        tracking.log_artifacts(run_id, write_records(out / "kept.jsonl", kept))
         tracking.log_artifacts(run_id, out / "policy", "model")
-    return {"model": str(out / "policy"), "mlflow_run_id": run_id, "summary": str(out / "summary.json")}
+    return {"model": str(out / "policy"), "mlflow_run_id": run_id, "summary": str(out / "summary.json"),
+            "kept": str(out / "kept.jsonl")}

@@ -51,7 +51,7 @@ def stack(tmp_path_factory):
     env |= {"RAY_ADDRESS": f"127.0.0.1:{ports[0]}", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{ports[1]}",
             "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports[2]}"}
     # the agents rename themselves ("ray::DashboardAgent"): only their process group says whose they are
-    assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= {" ".join(p.cmdline()) for p in head_processes(state)}
+    assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= {p.name() for p in head_processes(state)}
     yield env
     cli("corral", "down", env=env)
     leftovers = [" ".join(p.cmdline())[:80] for p in head_processes(state)]

@@ -28,8 +28,9 @@ def rs_roles(cfg: RejectionSamplingConfig, policy: str, helpful: str, safety: st
 
 
 def rejection_sampling(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer: Tokenizer, prompts: list[dict],
-                       run_id: str) -> list[dict]:
-    """All rounds; returns the per-round metrics."""
+                       run_id: str) -> tuple[list[dict], list[dict]]:
+    """All rounds; returns the per-round metrics and the kept answers as SFT records (the dialogs
+    the policy was last fine-tuned on)."""
     k, n = cfg.samples_per_prompt, len(prompts)
     best: list[tuple[float, str] | None] = [None] * n  # per prompt: (reward, reply), best of all rounds
     history = []
@@ -50,18 +51,18 @@ def rejection_sampling(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer
                    "kept_reward_mean": sum(b[0] for b in best) / n}
         if judged:
             metrics["kept_accuracy"] = sum(judged) / len(judged)
-        metrics["sft_loss"] = finetune(cfg, group, tokenizer, prompts, [reply for _, reply in best])
+        kept = [{"messages": prompt_messages(p["prompt"]) + [{"role": "assistant", "content": reply}]}
+                for p, (_, reply) in zip(prompts, best)]
+        metrics["sft_loss"] = finetune(cfg, group, tokenizer, kept)
         tracking.log_metrics(run_id, metrics, step=rnd)
         history.append(metrics)
         print(f"rejection sampling round {rnd}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-    return history
+    return history, kept
 
 
-def finetune(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer: Tokenizer, prompts: list[dict],
-             replies: list[str]) -> float:
+def finetune(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer: Tokenizer, kept: list[dict]) -> float:
     """`epochs` passes of the SFT loss over the kept answers, packed; the mean loss of the last pass."""
-    dialogs = [prompt_messages(p["prompt"]) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, replies)]
-    columns = packed_rows([encode_dialog(tokenizer, d) for d in dialogs], cfg.seq_len)
+    columns = packed_rows([encode_dialog(tokenizer, r["messages"]) for r in kept], cfg.seq_len)
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.epochs):
         order, losses = torch.randperm(len(columns["labels"]), generator=gen), []
