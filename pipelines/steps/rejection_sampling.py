@@ -77,7 +77,7 @@ def run(config: RejectionSamplingConfig | dict, inputs: dict) -> dict:
         group = RoleGroup(rs_roles(cfg, policy, helpful, safety), cfg.resources, "rejection sampling")
         try:
             before = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
-            _, kept = rejection_sampling(cfg, group, tokenizer, train, run_id)
+            kept = rejection_sampling(cfg, group, tokenizer, train, run_id)
             after = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
             group.call("policy", "save", str(out / "policy"), {"stage": "rejection_sampling", "rounds": cfg.rounds},
                        doing="saving")

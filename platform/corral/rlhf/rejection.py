@@ -28,12 +28,11 @@ def rs_roles(cfg: RejectionSamplingConfig, policy: str, helpful: str, safety: st
 
 
 def rejection_sampling(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer: Tokenizer, prompts: list[dict],
-                       run_id: str) -> tuple[list[dict], list[dict]]:
-    """All rounds; returns the per-round metrics and the kept answers as SFT records (the dialogs
-    the policy was last fine-tuned on)."""
+                       run_id: str) -> list[dict]:
+    """All rounds, each logged to the run; returns the kept answers as SFT records (the dialogs the
+    policy was last fine-tuned on)."""
     k, n = cfg.samples_per_prompt, len(prompts)
     best: list[tuple[float, str] | None] = [None] * n  # per prompt: (reward, reply), best of all rounds
-    history = []
     for rnd in range(cfg.rounds):
         params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens,
                                 seed=cfg.seed * 1_000_003 + rnd * n * k)
@@ -55,9 +54,8 @@ def rejection_sampling(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer
                 for p, (_, reply) in zip(prompts, best)]
         metrics["sft_loss"] = finetune(cfg, group, tokenizer, kept)
         tracking.log_metrics(run_id, metrics, step=rnd)
-        history.append(metrics)
         print(f"rejection sampling round {rnd}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-    return history, kept
+    return kept
 
 
 def finetune(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer: Tokenizer, kept: list[dict]) -> float:
