@@ -37,7 +37,7 @@ def separate_rows(tokenizer, records: list[dict], max_len: int) -> list[tuple[to
     """The former layout: chosen and rejected dialogs as two rows each, batches of 8 pairs."""
     from corral.data.sft import encode_dialog
     from corral.reward import pad_batch
-    from pipelines.steps.reward import pair_dialogs
+    from corral.train.reward import pair_dialogs
 
     out = []
     for i in range(0, len(records) - 7, 8):
@@ -76,9 +76,11 @@ def main() -> None:
     from corral.config import ModelConfig
     from corral.data.tasks import TaskSuite
     from corral.model import Transformer
-    from corral.reward import RewardModel, ranking_loss
+    from corral.reward import RewardModel
+    from corral.train.losses import ranking_loss
     from corral.tokenizer import load_tokenizer, train_tokenizer
-    from pipelines.steps.reward import encode_pairs, reward_loss
+    from corral.train.losses import reward_loss
+    from corral.train.reward import encode_pairs
 
     with tempfile.TemporaryDirectory() as d:
         train_tokenizer(sorted(CORPUS.glob("*_gut.txt"))[:8], vocab_size=4096, out_dir=d)

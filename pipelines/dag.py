@@ -94,8 +94,6 @@ def plan(spec: PipelineSpec, force: tuple[str, ...] = ()) -> list[StepPlan]:
                            "code": code}, sort_keys=True)
         fps[sid] = hashlib.sha256(blob.encode()).hexdigest()
         out = storage / f"{sid}-{fps[sid][:12]}"
-        if "output_dir" in config and "output_dir" not in step.config:  # the step writes where we resume it
-            config["output_dir"] = str(out)
         reuse = None if sid in forced else _finished_run(spec.tracking.experiment, fps[sid], out)
         plans.append(StepPlan(sid, step.uses, config, list(step.needs), fps[sid], str(out), reuse))
     return plans

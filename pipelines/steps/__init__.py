@@ -13,10 +13,10 @@ import importlib
 
 # uses -> (step module, "module:ConfigClass")
 STEP_TYPES: dict[str, tuple[str, str]] = {
-    "tokenizer": ("pipelines.steps.tokenizer", "pipelines.steps.tokenizer:TokenizerStepConfig"),
+    "tokenizer": ("pipelines.steps.tokenizer", "corral.config:TokenizerConfig"),
     "prepare_data": ("pipelines.steps.prepare_data", "corral.config:PrepareDataConfig"),
     "pretrain": ("pipelines.steps.pretrain", "corral.config:PretrainConfig"),
-    "register": ("pipelines.steps.register", "pipelines.steps.register:RegisterConfig"),
+    "register": ("pipelines.steps.register", "corral.config:RegisterConfig"),
     "sft": ("pipelines.steps.sft", "corral.config:SFTConfig"),
     "reward": ("pipelines.steps.reward", "corral.config:RewardConfig"),
     "evaluate": ("pipelines.steps.evaluate", "corral.config:EvaluateConfig"),

@@ -20,18 +20,18 @@ import torch
 
 from corral import load_model, load_reward_model, load_tokenizer, tracking
 from corral.config import EvaluateConfig
-from corral.data.formats import read_records
+from corral.data.formats import read_all, read_records
 from corral.data.tasks import TaskSuite
 from corral.evaluate import (dialog_perplexity, generate_replies, multiple_choice, normalise, safety_rates,
                              task_accuracy)
 from corral.rlhf.objectives import gate_rate
-from pipelines.steps.sft import base_model_path
+from pipelines.steps.common import input_model, output_dir
 
 
 def run(config: EvaluateConfig | dict, inputs: dict) -> dict:
     cfg = EvaluateConfig.model_validate(config)
-    path = base_model_path(cfg.model, inputs, "evaluate")
-    out = Path(cfg.output_dir or inputs.get("output_dir") or ".corral/runs/evaluate").resolve()
+    path = input_model(cfg.model, inputs, "evaluate")
+    out = output_dir(cfg.output_dir, inputs, "evaluate")
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(path), load_tokenizer(path)
     items = eval_items(cfg)
@@ -65,7 +65,7 @@ def run(config: EvaluateConfig | dict, inputs: dict) -> dict:
 
 def eval_items(cfg: EvaluateConfig) -> list[dict]:
     if cfg.eval_data:
-        return [r for path in cfg.eval_data for r in read_records(path, "eval")]
+        return read_all(cfg.eval_data, "eval")
     suite = TaskSuite(cfg.tasks.seed)
     return suite.eval_tasks(cfg.tasks.eval_size) + suite.eval_safety(2 * cfg.tasks.eval_size)
 

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from corral import tracking
 from corral.checkpoint import load_tokenizer, read_config
 from corral.rlhf.actors import RoleGroup
 from corral.rlhf.config import PPOConfig
 from corral.rlhf.ppo import ppo_roles, ptx_rows, train_ppo
-from corral.rlhf.rollout import heldout, load_prompts
-from pipelines.steps.rejection_sampling import heldout_summary, resolve_models
+from corral.rlhf.rollout import heldout, heldout_summary, load_prompts
+from pipelines.steps.common import input_models, output_dir
 
 
 def run(config: PPOConfig | dict, inputs: dict) -> dict:
     cfg = PPOConfig.model_validate(config)
-    policy, helpful, safety = resolve_models(cfg, inputs)
+    policy, helpful, safety = input_models(cfg, inputs)
     beta = cfg.beta_for(read_config(policy))
-    out = Path(cfg.output_dir).resolve()
+    out = output_dir(cfg.output_dir, inputs, "ppo")
     out.mkdir(parents=True, exist_ok=True)
     with tracking.step_run(inputs, cfg.tracking.experiment, cfg.tracking.run_name or "ppo", out) as run_id:
         tracking.log_params(run_id, cfg.model_dump(mode="json") | {"policy_path": policy, "helpful_path": helpful,

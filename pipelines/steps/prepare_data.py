@@ -1,7 +1,6 @@
 """Step: corpus files -> packed token blocks (train / validation) + manifest, on Ray Data.
 
-inputs: `tokenizer` (a directory or tokenizer.model; `config.tokenizer` wins) and, when
-`config.output_dir` is unset, `output_dir` (the pipeline's directory for this step).
+inputs: `tokenizer` (a directory or tokenizer.model; `config.tokenizer` wins).
 outputs: `data` (the prepared directory, what pretrain reads) and `manifest`.
 """
 
@@ -11,15 +10,15 @@ from pathlib import Path
 
 from corral.config import PrepareDataConfig
 from corral.data.pretraining import MANIFEST, prepare_pretraining_data
+from pipelines.steps.common import output_dir
 
 
 def run(config: PrepareDataConfig | dict, inputs: dict) -> dict:
     cfg = PrepareDataConfig.model_validate(config)
     tokenizer_path = cfg.tokenizer or inputs.get("tokenizer")
-    out = cfg.output_dir or inputs.get("output_dir")
-    if tokenizer_path is None or out is None:
-        raise ValueError("prepare_data needs a tokenizer and an output directory: set `tokenizer` and "
-                         "`output_dir` in its config, or wire them from upstream steps")
+    if tokenizer_path is None:
+        raise ValueError("prepare_data needs a tokenizer: set `tokenizer` in its config or wire the tokenizer step")
+    out = output_dir(cfg.output_dir, inputs, "prepare_data")
     manifest = prepare_pretraining_data(cfg, out, tokenizer_path)
     splits = manifest["splits"]
     print(f"prepared {splits['train']['tokens']:,} train / {splits['validation']['tokens']:,} validation tokens "

@@ -1,4 +1,4 @@
-"""Step: pretrain a Llama 2 model from scratch on prepared blocks (Ray Train + DeepSpeed, MLflow).
+"""Step: pretrain a Llama 2 model from scratch on prepared blocks (`corral.train.pretrain`).
 
 inputs: `data` (the prepare_data output; `config.data_dir` wins); from a pipeline also `run_id`
 (its nested MLflow run, which this step logs into and leaves for the pipeline to end).
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from corral.config import PretrainConfig
 from corral.train.pretrain import pretrain_job
-from pipelines.steps.sft import run_tracked
+from pipelines.steps.common import output_dir, run_tracked, train_outputs
 
 
 def run(config: PretrainConfig | dict, inputs: dict) -> dict:
@@ -21,7 +21,7 @@ def run(config: PretrainConfig | dict, inputs: dict) -> dict:
     data_dir = cfg.data_dir or inputs.get("data")
     if data_dir is None:
         raise ValueError("pretrain needs prepared data: set `data_dir` in its config or wire the prepare_data step")
-    job, datasets = pretrain_job(cfg, data_dir)  # checks the data before any worker starts
-    result = run_tracked(job, datasets, cfg, inputs, Path(cfg.output_dir).resolve(),
-                         params={"data_dir": str(data_dir)}, artifacts={"tokenizer": Path(data_dir) / "tokenizer.model"})
-    return {"model": job.export_dir, "checkpoints": str(Path(result.path)), "mlflow_run_id": job.mlflow_run_id}
+    out = output_dir(cfg.output_dir, inputs, "pretrain")
+    job, datasets = pretrain_job(cfg, data_dir, out)
+    result = run_tracked(job, datasets, cfg, inputs, out, artifacts={"tokenizer": Path(data_dir) / "tokenizer.model"})
+    return train_outputs(job, result)

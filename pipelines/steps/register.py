@@ -12,38 +12,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from corral import tracking
 from corral.checkpoint import export_hf
-
-
-class Gate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    min: float | None = None
-    max: float | None = None
-
-    @model_validator(mode="after")
-    def _one_bound(self) -> "Gate":
-        if self.min is None and self.max is None:
-            raise ValueError("a gate needs min or max")
-        return self
-
-    def passes(self, value: float | None) -> bool:
-        return value is not None and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
-
-
-class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="registered model name, e.g. llama2-tiny-chat")
-    from_step: str = Field(description="the step whose `model` output is this model")
-
-
-class RegisterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    models: list[ModelEntry] = Field(min_length=1)
-    metrics_from: str | None = Field(default=None, description="the evaluate step whose metrics tag the versions")
-    gates: dict[str, Gate] = Field(default={}, description="metric -> bounds; all must pass to move `champion`")
+from corral.config import RegisterConfig
 
 
 def read_metrics(inputs: dict, step_id: str | None) -> dict[str, float]:

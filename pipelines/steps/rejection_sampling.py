@@ -11,62 +11,21 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from corral import tracking
 from corral.checkpoint import load_tokenizer
 from corral.data.formats import write_records
 from corral.rlhf.actors import RoleGroup
-from corral.rlhf.config import RejectionSamplingConfig, RLStepConfig
+from corral.rlhf.config import RejectionSamplingConfig
 from corral.rlhf.rejection import rejection_sampling, rs_roles
-from corral.rlhf.rollout import heldout, load_prompts, paired_bootstrap
-
-
-def resolve_models(cfg: RLStepConfig, inputs: dict) -> tuple[str, str, str]:
-    """(policy, helpful reward, safety reward) checkpoint directories.
-
-    Each is the configured path, or the output of the configured upstream step id, or by default
-    the merged input the SFT step (`model`) and the reward step (`{kind}_reward_model`) give.
-    """
-    upstream = inputs.get("upstream", {})
-
-    def resolve(field: str, value: str | None, key: str) -> str:
-        if value is None:
-            if key not in inputs:
-                raise ValueError(f"{field} is not set and no upstream step gives `{key}`; set `{field}` to a "
-                                 f"checkpoint directory or an upstream step id")
-            return str(inputs[key])
-        if value in upstream:
-            outputs = upstream[value]
-            if key not in outputs and "model" not in outputs:
-                raise ValueError(f"{field}: upstream step {value!r} gives no `{key}` (it gives {', '.join(outputs)})")
-            return str(outputs.get(key, outputs.get("model")))
-        if not Path(value).is_dir():
-            raise ValueError(f"{field} {value!r} is neither an upstream step ({', '.join(upstream) or 'none'}) "
-                             f"nor a checkpoint directory")
-        return value
-
-    return (resolve("policy", cfg.policy, "model"),
-            resolve("helpful_reward", cfg.helpful_reward, "helpfulness_reward_model"),
-            resolve("safety_reward", cfg.safety_reward, "safety_reward_model"))
-
-
-def heldout_summary(before: dict, after: dict | None) -> dict:
-    """Held-out metrics before and after, and the paired bootstrap interval of the reward change."""
-    out = {f"{k}_start": v for k, v in before["metrics"].items()}
-    if after is not None:
-        out |= {f"{k}_end": v for k, v in after["metrics"].items()}
-        if before["rewards"]:
-            mean, low, high = paired_bootstrap(before["rewards"], after["rewards"])
-            out |= {"heldout_reward_delta": mean, "heldout_reward_delta_ci_low": low,
-                    "heldout_reward_delta_ci_high": high}
-    return out
+from corral.rlhf.rollout import heldout, heldout_summary, load_prompts
+from pipelines.steps.common import input_models, output_dir
 
 
 def run(config: RejectionSamplingConfig | dict, inputs: dict) -> dict:
     cfg = RejectionSamplingConfig.model_validate(config)
-    policy, helpful, safety = resolve_models(cfg, inputs)
-    out = Path(cfg.output_dir).resolve()
+    policy, helpful, safety = input_models(cfg, inputs)
+    out = output_dir(cfg.output_dir, inputs, "rejection_sampling")
     out.mkdir(parents=True, exist_ok=True)
     name = cfg.tracking.run_name or "rejection_sampling"
     with tracking.step_run(inputs, cfg.tracking.experiment, name, out) as run_id:

@@ -1,42 +1,22 @@
 """Step: train the SentencePiece tokenizer on the corpus (Llama 2 settings).
 
+The corpus is whatever `prepare_data` reads (text, JSONL or Parquet files, directories or
+object-store URIs), listed by the same `corral.data.pretraining.list_corpus`.
 outputs: `tokenizer` (the directory holding tokenizer.model).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pydantic import BaseModel, ConfigDict, Field
-
+from corral.config import TokenizerConfig
+from corral.data.pretraining import corpus_texts, list_corpus
 from corral.tokenizer import train_tokenizer
+from pipelines.steps.common import output_dir
 
 
-class TokenizerStepConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    inputs: list[str] = Field(min_length=1, description="text files or directories of *.txt files")
-    vocab_size: int = Field(default=32000, ge=300, description="Llama 2: 32000; the tiny preset: 4096")
-    max_sentences: int = Field(default=2_000_000, gt=0, description="lines sampled for training")
-
-
-def corpus_files(inputs: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(p.rglob("*.txt"))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"tokenizer input {item} does not exist")
-    if not files:
-        raise ValueError(f"no .txt files found in {inputs}")
-    return files
-
-
-def run(config: TokenizerStepConfig | dict, inputs: dict) -> dict:
-    cfg = TokenizerStepConfig.model_validate(config)
-    tok = train_tokenizer(corpus_files(cfg.inputs), cfg.vocab_size, inputs["output_dir"], cfg.max_sentences)
+def run(config: TokenizerConfig | dict, inputs: dict) -> dict:
+    cfg = TokenizerConfig.model_validate(config)
+    out = output_dir(cfg.output_dir, inputs, "tokenizer")
+    texts = corpus_texts(list_corpus(cfg.inputs))  # raises first if a path is missing or all is empty
+    tok = train_tokenizer(vocab_size=cfg.vocab_size, out_dir=out, max_sentences=cfg.max_sentences, texts=texts)
     print(f"trained a {tok.vocab_size}-piece tokenizer -> {tok.path}")
-    return {"tokenizer": str(Path(inputs["output_dir"]))}
+    return {"tokenizer": str(out)}

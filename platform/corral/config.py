@@ -155,6 +155,17 @@ class TrackingConfig(BaseModel):
     run_name: str | None = None
 
 
+class TokenizerConfig(BaseModel):
+    """The tokenizer step: SentencePiece BPE with Llama 2's settings, trained on the corpus."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[str] = Field(min_length=1, description="text, JSONL or Parquet files, directories or URIs (s3://...)")
+    vocab_size: int = Field(default=32000, ge=300, description="Llama 2: 32000; the tiny preset: 4096")
+    max_sentences: int = Field(default=2_000_000, gt=0, description="lines sampled for training")
+    output_dir: str | None = Field(default=None, description="None = the pipeline's step directory")
+
+
 class PrepareDataConfig(BaseModel):
     """The data preparation step: corpus files -> packed token blocks + manifest."""
 
@@ -192,7 +203,8 @@ class PretrainConfig(BaseModel):
 
     model: str | ModelConfig = Field(default="tiny", description="a preset name or a full ModelConfig")
     data_dir: str | None = Field(default=None, description="prepare_data output; None = from the step inputs")
-    output_dir: str = Field(default=".corral/runs/pretrain", description="checkpoints and the final model")
+    output_dir: str | None = Field(default=None, description="checkpoints and the final model; None = the "
+                                   "pipeline's step directory")
     loop: TrainLoopConfig = TrainLoopConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     optim: OptimConfig = OptimConfig()
@@ -289,3 +301,34 @@ class EvaluateConfig(BaseModel):
     max_tokens: int = Field(default=32, gt=0, description="greedy tokens generated per reply")
     output_dir: str | None = Field(default=None, description="None = the pipeline's step directory")
     tracking: TrackingConfig = TrackingConfig()
+
+
+# == Registration ==============================================================================
+
+
+class Gate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "Gate":
+        if self.min is None and self.max is None:
+            raise ValueError("a gate needs min or max")
+        return self
+
+    def passes(self, value: float | None) -> bool:
+        return value is not None and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="registered model name, e.g. llama2-tiny-chat")
+    from_step: str = Field(description="the step whose `model` output is this model")
+
+
+class RegisterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelEntry] = Field(min_length=1)
+    metrics_from: str | None = Field(default=None, description="the evaluate step whose metrics tag the versions")
+    gates: dict[str, Gate] = Field(default={}, description="metric -> bounds; all must pass to move `champion`")

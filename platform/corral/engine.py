@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral.model import KVCache, Transformer
+from corral.model import CacheView, KVCache, Layout, Transformer
 from corral.tokenizer import Tokenizer
 
 MIN_DECODE_ROWS = 16  # measured: x86 BLAS gives a row the same bits for any batch of >= 16 rows
+LAST = Layout(logits_at="last")  # sampling reads only each row's last logits
 
 
 class SamplingParams(BaseModel):
@@ -209,7 +210,7 @@ class Engine:
             for request in self._admit():
                 slot = torch.tensor([request.slot], device=self.device)
                 tokens = torch.tensor([request.prompt], device=self.device)  # (1, prompt_len)
-                logits = self.model(tokens, self.cache, slot, torch.zeros_like(slot), last_only=True)
+                logits = self.model(tokens, LAST, CacheView(self.cache, slot, torch.zeros_like(slot)))
                 self._sample_and_advance([request], logits[:, -1])
             with self._lock:
                 batch = list(self._running.values())
@@ -220,8 +221,8 @@ class Engine:
             slots = torch.tensor([r.slot for r in batch] + [self._scratch_slot] * pad, device=self.device)
             positions = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in batch] + [0] * pad,
                                      device=self.device)
-            logits = self.model(tokens, self.cache, slots, positions, last_only=True,
-                                exact_rows=self.batch_invariant, pad_rows=pad)
+            view = CacheView(self.cache, slots, positions, exact_rows=len(batch) if self.batch_invariant else None)
+            logits = self.model(tokens, LAST, view)
             self._sample_and_advance(batch, logits[: len(batch), -1])
 
     def _admit(self) -> list[_Request]:

@@ -1,8 +1,8 @@
 """Reward models (Llama 2, section 3.2.2): the transformer with a scalar head instead of the LM head.
 
 The reward of a (prompt, answer) dialog is the head's value at its last token, the EOS that ends
-the answer. Training uses the binary ranking loss with a margin that grows with the rating:
-`-log sigmoid(r(x, y_chosen) - r(x, y_rejected) - m(rating))`.
+the answer. Training (`corral.train.reward`) uses the margin ranking loss of
+`corral.train.losses`.
 
 A reward checkpoint is a corral checkpoint directory whose `corral.json` says `"head": "reward"`;
 its `output.weight` is (1, dim). `load_reward_model(path)` gives the model that PPO, rejection
@@ -17,38 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from corral.checkpoint import (CORRAL_CONFIG, WEIGHTS_FILE, CheckpointError, load_model, load_tokenizer,
                                save_model)
 from corral.config import ModelConfig
-from corral.model import Transformer
+from corral.model import Layout, Transformer
 from corral.tokenizer import Tokenizer
-
-# The paper's table 28: margin by rating. "none" is the plain binary ranking loss.
-MARGINS: dict[str, dict[str, float]] = {
-    "large": {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0, "negligibly_better": 0.0},
-    "small": {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0},
-    "none": {"significantly_better": 0.0, "better": 0.0, "slightly_better": 0.0, "negligibly_better": 0.0},
-}
-RATINGS = tuple(MARGINS["large"])
-
-
-def margin_of(ratings: Sequence[str], margin: str) -> torch.Tensor:
-    """The margin m(rating) of each pair under the "large", "small" or "none" setting."""
-    if margin not in MARGINS:
-        raise ValueError(f"unknown margin setting {margin!r}; choose one of {', '.join(MARGINS)}")
-    try:
-        return torch.tensor([MARGINS[margin][r] for r in ratings], dtype=torch.float32)
-    except KeyError as e:
-        raise ValueError(f"unknown rating {e.args[0]!r}; expected one of {', '.join(RATINGS)}") from None
-
-
-def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-    """Mean of -log sigmoid(r_chosen - r_rejected - margin) over pairs, in fp32."""
-    return -F.logsigmoid(chosen.float() - rejected.float() - margin.float()).mean()
-
+from corral.train.losses import RATINGS
 
 def pairwise_metrics(chosen: Sequence[float], rejected: Sequence[float], ratings: Sequence[str]) -> dict:
     """Pairwise accuracy (chosen scored above rejected) overall and per rating, and the mean gap."""
@@ -60,6 +36,23 @@ def pairwise_metrics(chosen: Sequence[float], rejected: Sequence[float], ratings
         if sel.any():
             out[f"accuracy_{rating}"] = right[sel].mean().item()
     return out
+
+
+def branch_layout(branches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (bsz, seqlen) and mask (bsz, 1, seqlen, seqlen) of rows that hold one prompt and
+    several answers to it: `branches` is 0 on the shared prompt and k on answer k (right padding
+    continues the last answer). Each answer sees the prompt and itself, at the positions it would
+    have alone, so a reward model reads every answer's reward as if it had been scored on its own.
+    """
+    n_branches = int(branches.max()) + 1  # sync: a few branches, read on the host
+    own = torch.nn.functional.one_hot(branches.long(), n_branches)  # (bsz, seqlen, n_branches)
+    index = (own.cumsum(1) * own).sum(-1) - 1  # each token's index within its own branch
+    prompt_len = (branches == 0).sum(1, keepdim=True)
+    positions = torch.where(branches == 0, index, prompt_len + index)
+    seqlen = branches.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=branches.device).tril()
+    visible = (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
+    return positions, (visible & causal)[:, None]
 
 
 class RewardModel(Transformer):
@@ -76,10 +69,11 @@ class RewardModel(Transformer):
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, branches: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (bsz, seqlen), right-padded; lengths (bsz,) -> rewards (bsz,), read at the last token.
 
-        With `branches` (rows of one prompt and k answers, see `corral.model.branch_layout`),
-        `lengths` (bsz, k) is where each answer ends in its row, and the rewards are (bsz, k).
+        With `branches` (rows of one prompt and k answers, see `branch_layout`), `lengths`
+        (bsz, k) is where each answer ends in its row, and the rewards are (bsz, k).
         """
-        values = super().forward(tokens, branches=branches)[..., 0]  # (bsz, seqlen)
+        layout = None if branches is None else Layout(*branch_layout(branches))
+        values = super().forward(tokens, layout)[..., 0]  # (bsz, seqlen)
         ends = lengths.long() if branches is not None else lengths.long()[:, None]
         rewards = values.gather(1, ends - 1)
         return rewards if branches is not None else rewards.squeeze(1)

@@ -144,22 +144,29 @@ def render_chat(messages: Sequence[dict]) -> str:
     return text + f"<s>{B_INST} {turns[-1][0]} {E_INST}"
 
 
-def train_tokenizer(files: Iterable[str | os.PathLike], vocab_size: int = 32000, out_dir: str | os.PathLike = ".",
-                    max_sentences: int = 2_000_000, num_threads: int | None = None) -> Tokenizer:
-    """Train a SentencePiece BPE model with Llama 2's settings; writes `out_dir/tokenizer.model`."""
-    files = [str(f) for f in files]
-    if not files:
-        raise ValueError("no input files given to train the tokenizer on")
-    for f in files:
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"tokenizer input {f} does not exist or is not a file")
+def train_tokenizer(files: Iterable[str | os.PathLike] = (), vocab_size: int = 32000,
+                    out_dir: str | os.PathLike = ".", max_sentences: int = 2_000_000, num_threads: int | None = None,
+                    texts: Iterable[str] | None = None) -> Tokenizer:
+    """Train a SentencePiece BPE model with Llama 2's settings; writes `out_dir/tokenizer.model`.
+
+    The corpus is the lines of local text `files`, or of the documents `texts` yields (any corpus
+    `corral.data.pretraining.corpus_texts` reads: JSONL, Parquet, object-store URIs).
+    """
+    if texts is None:
+        files = [str(f) for f in files]
+        if not files:
+            raise ValueError("no input files given to train the tokenizer on")
+        for f in files:
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"tokenizer input {f} does not exist or is not a file")
+        texts = (Path(f).read_text(encoding="utf-8", errors="replace") for f in files)
     if vocab_size < 300:
         raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 259 pieces")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         spm.SentencePieceTrainer.train(
-            input=files,
+            sentence_iterator=(line for text in texts for line in text.splitlines() if line),
             model_prefix=f"{tmp}/tokenizer",
             model_type="bpe",
             vocab_size=vocab_size,

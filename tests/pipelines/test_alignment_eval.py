@@ -79,7 +79,7 @@ def test_bad_benchmark_records_are_named(tmp_path):
 @pytest.mark.parametrize("kind, mix_key", [("helpfulness", "safety_mix"), ("safety", "helpfulness_mix")])
 def test_each_reward_model_trains_on_a_share_of_the_other_kinds_pairs(kind, mix_key):
     from corral.config import RewardConfig
-    from pipelines.steps.reward import preference_records
+    from corral.train.reward import preference_records
 
     train, held = preference_records(RewardConfig(kind=kind, tasks={"train_size": 900, "eval_size": 40}))
     other = [r for r in train if r["safety"] != (kind == "safety")]
@@ -91,9 +91,10 @@ def test_each_reward_model_trains_on_a_share_of_the_other_kinds_pairs(kind, mix_
 
 def test_reward_rows_hold_a_prompt_once_and_score_each_answer_as_if_alone(tokenizer):
     from corral.data.sft import encode_dialog
-    from corral.reward import RewardModel, margin_of, ranking_loss
+    from corral.reward import RewardModel
     from corral.tokenizer import B_INST, E_INST
-    from pipelines.steps.reward import encode_pairs, pair_dialogs, reward_loss
+    from corral.train.losses import margin_of, ranking_loss, reward_loss
+    from corral.train.reward import encode_pairs, pair_dialogs
 
     torch.manual_seed(0)
     rm = RewardModel.from_lm(Transformer(CONFIG).init_weights(seed=3))

@@ -20,10 +20,11 @@ from corral import load_model, tracking
 from corral.checkpoint import export_hf, save_model
 from corral.config import ModelConfig
 from corral.data.formats import read_records
-from corral.data.sft import encode_dialog, encode_record, pack, packed_rows, sft_loss
+from corral.data.sft import encode_dialog, encode_record, pack, packed_rows
 from corral.data.tasks import TaskSuite
 from corral.model import Transformer
-from corral.reward import RewardModel, margin_of, pad_batch, ranking_loss, save_reward_model
+from corral.reward import RewardModel, pad_batch, save_reward_model
+from corral.train.losses import margin_of, ranking_loss, sft_loss
 
 SMALL = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=4096, multiple_of=32, max_seq_len=96)
 ROLES = {"cpus_per_role": 0.5, "call_timeout_s": 600}

@@ -8,7 +8,7 @@ import torch
 
 from corral.config import ModelConfig
 from corral.engine import Engine, SamplingParams, sample
-from corral.model import Transformer
+from corral.model import CacheView, Layout, Transformer
 
 TINY = ModelConfig.preset("tiny")
 
@@ -100,9 +100,10 @@ def test_decode_rows_are_bitwise_independent_of_the_batch(model):
     tokens = torch.tensor([[5]] * 12)
     pad = lambda t, v: torch.cat([t, torch.full((16 - len(t),) + t.shape[1:], v)])  # noqa: E731
     with torch.no_grad():
-        batch = model(pad(tokens, 0), engine.cache, pad(slots, 12), pad(positions, 0), True, exact_rows=True)
-        one = model(pad(tokens[7:8], 0), engine.cache, pad(slots[7:8], 12), pad(positions[7:8], 0), True,
-                    exact_rows=True)
+        last = Layout(logits_at="last")
+        batch = model(pad(tokens, 0), last, CacheView(engine.cache, pad(slots, 12), pad(positions, 0), exact_rows=16))
+        one = model(pad(tokens[7:8], 0), last, CacheView(engine.cache, pad(slots[7:8], 12), pad(positions[7:8], 0),
+                                                         exact_rows=16))
     assert torch.equal(batch[7], one[0])
 
 

@@ -6,7 +6,7 @@ import transformers
 
 import corral
 from corral.config import ModelConfig
-from corral.model import KVCache, Transformer
+from corral.model import CacheView, KVCache, Layout, Transformer
 
 MHA = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=320, multiple_of=16,  # FFN 176
                   norm_eps=1e-6, max_seq_len=64)
@@ -70,14 +70,14 @@ def test_kv_cache_decoding_equals_full_forward_for_a_ragged_batch():
         slots = torch.tensor([4, 0, 2])  # any rows of the pool
         # prefill: a right-padded batch of prompts of different lengths
         prompt = torch.stack([torch.cat([t[:n], t.new_zeros(max(lengths) - n)]) for t, n in zip(tokens, lengths)])
-        logits = model(prompt, cache, slots, torch.zeros(3, dtype=torch.long))
+        logits = model(prompt, cache=CacheView(cache, slots, torch.zeros(3, dtype=torch.long)))
         for b, n in enumerate(lengths):
             torch.testing.assert_close(logits[b, :n], full[b, :n], **TOL)
         # decode: one token per row, every row at its own position
         pos = torch.tensor(lengths)
         while int(pos.max()) < total:
             step = tokens[torch.arange(3), pos.clamp(max=total - 1)][:, None]
-            logits = model(step, cache, slots, pos, last_only=True)
+            logits = model(step, Layout(logits_at="last"), CacheView(cache, slots, pos))
             for b in range(3):
                 if pos[b] < total:
                     torch.testing.assert_close(logits[b, 0], full[b, pos[b]], **TOL)
@@ -91,7 +91,7 @@ def test_sequence_longer_than_context_is_rejected():
 
 
 def test_branch_layout_gives_each_answer_the_prompt_and_its_own_positions():
-    from corral.model import branch_layout
+    from corral.reward import branch_layout
 
     # a 3-token prompt, a 2-token answer, a 3-token answer, one padding token (continues answer 2)
     positions, mask = branch_layout(torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]]))
@@ -101,6 +101,6 @@ def test_branch_layout_gives_each_answer_the_prompt_and_its_own_positions():
     assert sees[5] == [0, 1, 2, 5] and sees[7] == [0, 1, 2, 5, 6, 7]  # never the other answer
     model = Transformer(GQA).init_weights(seed=0)
     prompt, first, second = [5, 9, 13], [7, 8], [21, 22, 23]
-    logits = model(torch.tensor([prompt + first + second]), branches=torch.tensor([[0] * 3 + [1] * 2 + [2] * 3]))
+    logits = model(torch.tensor([prompt + first + second]), Layout(*branch_layout(torch.tensor([[0] * 3 + [1] * 2 + [2] * 3]))))
     torch.testing.assert_close(logits[0, 3:5], model(torch.tensor([prompt + first]))[0, 3:], **TOL)
     torch.testing.assert_close(logits[0, 5:], model(torch.tensor([prompt + second]))[0, 3:], **TOL)

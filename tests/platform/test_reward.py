@@ -9,7 +9,8 @@ from corral import load_reward_model
 from corral.config import ModelConfig
 from corral.data.sft import encode_dialog
 from corral.model import Transformer
-from corral.reward import RewardModel, margin_of, pad_batch, pairwise_metrics, ranking_loss, save_reward_model
+from corral.reward import RewardModel, pad_batch, pairwise_metrics, save_reward_model
+from corral.train.losses import margin_of, ranking_loss
 
 # -log sigmoid(1 - m) = log(1 + e^(m - 1)) for a reward gap of exactly 1
 HAND = {

@@ -6,10 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from corral.rlhf.objectives import (
-    approx_kl, combined_reward, entropy, gae, gate_rate, gather_logprobs, logit, policy_loss, ppo_token_rewards,
-    token_kl, value_loss, whiten,
-)
+from corral.rlhf.objectives import combined_reward, entropy, gae, gate_rate, gather_logprobs, logit, ppo_token_rewards, whiten
+from corral.train.losses import approx_kl, policy_loss, token_kl, value_loss
 
 
 def t(*values):

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from corral.config import ModelConfig
-from corral.data.sft import IGNORE, encode_dialog, encode_record, gatt, pack, sft_loss
+from corral.data.sft import IGNORE, encode_dialog, encode_record, gatt, pack, packed_layout
+from corral.train.losses import sft_loss
 from corral.data.tasks import TaskSuite
 from corral.model import Transformer
 from corral.tokenizer import B_INST, E_INST, ChatFormatError
@@ -134,7 +135,7 @@ def test_a_packed_dialog_is_seen_as_if_alone():
     packed = pack([(d, [True] * len(d)) for d in dialogs], seq_len=24)
     row, positions = torch.from_numpy(packed["input_ids"]), torch.from_numpy(packed["positions"])
     with torch.no_grad():
-        together = model(row, packed_positions=positions)[0]
+        together = model(row, packed_layout(positions))[0]
         unmasked = model(row)[0]
         start = 0
         for d in dialogs:
@@ -161,9 +162,9 @@ class FixedLogits(nn.Module):
         super().__init__()
         self.logits = logits
 
-    def forward(self, tokens, packed_positions=None, logits_at=None):
+    def forward(self, tokens, layout):
         logits = self.logits[:, : tokens.shape[1]]
-        return logits if logits_at is None else logits[logits_at]
+        return logits if layout.logits_at is None else logits[layout.logits_at]
 
 
 def test_sft_loss_on_a_hand_built_batch():

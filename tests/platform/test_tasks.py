@@ -6,7 +6,8 @@ import re
 import pytest
 
 from corral.data.formats import DataFormatError, read_records, write_records
-from corral.data.tasks import FAMILIES, INSTRUCTIONS, RATINGS, TEMPLATES, TaskSuite, is_refusal, split_of
+from corral.data.tasks import FAMILIES, INSTRUCTIONS, RATINGS, TEMPLATES, TaskSuite, split_of
+from corral.evaluate import is_refusal
 
 
 def oracle(prompt: str) -> str:

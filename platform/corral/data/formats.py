@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
@@ -78,6 +79,8 @@ class PreferenceRecord(_Record):
 class RLPromptRecord(_Record):
     prompt: Prompt
     safety: bool = False  # tagged unsafe: PPO rewards it with the safety reward model
+    answer: str | None = None  # the exact right reply, if there is one (held-out exact match)
+    refuse: bool | None = None  # should the reply decline? (held-out refusal rates)
 
 
 class EvalRecord(_Record):
@@ -180,3 +183,18 @@ def write_records(path: str | os.PathLike, records: list[dict]) -> Path:
     else:
         p.write_text("".join(json.dumps(r) + "\n" for r in records))
     return p
+
+
+def read_all(paths: list[str], kind: str) -> list[dict]:
+    """The records of every file in `paths`, in order (see `read_records`)."""
+    return [r for path in paths for r in read_records(path, kind)]
+
+
+def held_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded random `fraction` of the records (at least one) held out."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n = max(1, round(fraction * len(records)))
+    if n >= len(records):
+        raise ValueError(f"{len(records)} records are too few to hold out {fraction:.0%} for validation")
+    return [records[i] for i in order[n:]], [records[i] for i in order[:n]]

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,26 @@ def jsonl_file_docs(row: dict) -> list[dict]:
         ok = isinstance(record, dict) and isinstance(record.get("text"), str)
         docs.append({"text": record["text"] if ok else "", "status": "ok" if ok else "no_text_field"})
     return docs
+
+
+def corpus_texts(files: dict[str, list[str]]) -> Iterator[str]:
+    """The readable documents of the files `list_corpus` found, one after another, read in the
+    driver (the tokenizer step samples lines from them; `prepare_pretraining_data` reads the same
+    files on Ray Data)."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    for kind, names in files.items():
+        for name in names:
+            fs, path = pafs.FileSystem.from_uri(name if "://" in name else str(Path(name).resolve()))
+            if kind == "parquet":
+                with fs.open_input_file(path) as f:
+                    yield from (t for t in pq.read_table(f, columns=["text"]).column("text").to_pylist() if t)
+                continue
+            with fs.open_input_stream(path) as f:
+                row = {"bytes": f.read()}
+            docs = text_file_docs(row) if kind == "text" else jsonl_file_docs(row)
+            yield from (d["text"] for d in docs if d["status"] == "ok" and d["text"])
 
 
 def in_validation(text: str, val_fraction: float) -> bool:

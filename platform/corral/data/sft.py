@@ -13,7 +13,9 @@ from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
+from corral.model import Layout
 from corral.tokenizer import B_INST, E_INST, ChatFormatError, Tokenizer, chat_turns
 
 IGNORE = -100  # label of positions without loss (torch's cross_entropy ignore_index)
@@ -92,8 +94,8 @@ def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id:
     so no loss position ever predicts a token of another dialog. Dialogs longer than a row are
     dropped (counted in `dropped`); the tail of a row is padding with no loss.
     `positions` gives each input token's position within its own dialog (0 starts one, padding is
-    a run of one-token documents): the model's `packed_positions`, which keeps attention inside a
-    dialog. Returns {"input_ids", "labels", "positions": (rows, seq_len) int64, "dropped": int}.
+    a run of one-token documents): `packed_layout` turns them into the model's layout, which keeps
+    attention inside a dialog. Returns {"input_ids", "labels", "positions": (rows, seq_len) int64, "dropped": int}.
     """
     width = seq_len + 1  # a row's inputs plus the label of its last input
     rows: list[list[tuple[list[int], list[bool]]]] = []
@@ -129,23 +131,27 @@ def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id:
 
 def packed_rows(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int) -> dict:
     """`pack` as torch tensors, the batch columns `sft_loss` reads: input_ids, labels, positions."""
-    import torch
-
     packed = pack(examples, seq_len)
     return {k: torch.from_numpy(packed[k]) for k in ("input_ids", "labels", "positions")}
 
 
-def sft_loss(model, batch: dict) -> tuple:
-    """Mean cross-entropy over the answer tokens of a packed batch; returns (loss, tokens it covers).
+def document_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(bsz, 1, seqlen, seqlen) bool: causal attention that stays inside each packed document.
 
-    Logits are computed at the answer positions only, and with the rows' `positions` (when the
-    batch has them) each dialog attends only to itself.
+    Without it, a packed dialog's answer can attend to another dialog in the same row, and a tiny
+    model copies letters from the wrong dialog (docs/design-notes.md, "Packing").
     """
-    import torch.nn.functional as F
+    doc = torch.cumsum(positions == 0, dim=1)  # (bsz, seqlen): which document each token is in
+    seqlen = positions.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=positions.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
-    labels = batch["labels"].long()  # (bsz, seq_len), IGNORE outside answers
-    answers = labels != IGNORE
-    positions = batch.get("positions")
-    logits = model(batch["input_ids"].long(), logits_at=answers,
-                   packed_positions=None if positions is None else positions.long())  # (n answers, vocab)
-    return F.cross_entropy(logits.float(), labels[answers]), int(answers.sum())
+
+def packed_layout(positions: torch.Tensor | None, logits_at: torch.Tensor | None = None) -> Layout:
+    """The model's layout for rows from `pack`: every dialog attends only to itself and its
+    positions restart at 0, so it is seen as if alone, as at inference. Without `positions`
+    (unpacked rows) the plain causal layout."""
+    if positions is None:
+        return Layout(logits_at=logits_at)
+    positions = positions.long()
+    return Layout(positions=positions, mask=document_mask(positions), logits_at=logits_at)

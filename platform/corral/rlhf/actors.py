@@ -27,12 +27,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from corral.checkpoint import load_model, load_tokenizer, save_model
 from corral.config import DeepSpeedConfig, OptimConfig
-from corral.data.sft import sft_loss
 from corral.engine import Engine, SamplingParams
 from corral.model import Transformer
 from corral.reward import RewardModel, load_reward_model
 from corral.rlhf.config import RoleResources
-from corral.rlhf.objectives import entropy, gather_logprobs, policy_loss, value_loss, approx_kl
+from corral.rlhf.objectives import entropy, gather_logprobs
+from corral.train.losses import approx_kl, policy_loss, sft_loss, value_loss
 from corral.train.strategy import DeepSpeedStrategy
 
 

@@ -12,12 +12,18 @@ from corral.config import DeepSpeedConfig, ModelConfig, OptimConfig, TaskSuiteCo
 
 
 class PromptsConfig(BaseModel):
-    """Where the RL prompts come from: files in the rl_prompts format, else the synthetic task suite."""
+    """Where the RL prompts come from: files, else the synthetic task suite.
+
+    Files hold rl_prompts records (`{"prompt": str | messages, "safety": bool}`, optionally
+    `answer` or `refuse` to judge replies by) or, with `format: sft`, SFT dialogs whose prompts
+    (every turn but the last answer) are used. Without `eval_data`, files give no held-out set.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    train_path: str | None = Field(default=None, description="rl_prompts JSONL/Parquet; None = task suite")
-    eval_path: str | None = Field(default=None, description="held-out rl_prompts; None = task suite eval split")
+    data: list[str] = Field(default=[], description="prompt JSONL/Parquet files; empty = the task suite")
+    eval_data: list[str] = Field(default=[], description="held-out prompt files, scored before and after")
+    format: str = Field(default="rl_prompts", pattern="^(rl_prompts|sft)$", description="the files' format")
     suite_seed: int = 0
     n_train: int = Field(default=512, ge=1, description="suite prompts to train on")
     n_eval: int = Field(default=64, ge=0, description="held-out suite prompts scored before and after; 0 = skip")
@@ -51,7 +57,8 @@ class RLStepConfig(BaseModel):
     prompts: PromptsConfig = PromptsConfig()
     safety_threshold: float = Field(default=0.15, gt=0, lt=1, description="R_safety below this decides (paper)")
     max_new_tokens: int = Field(default=128, ge=1)
-    output_dir: str = Field(default=".corral/runs/rlhf", description="checkpoints and the final policy")
+    output_dir: str | None = Field(default=None, description="checkpoints and the final policy; None = the "
+                                   "pipeline's step directory")
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     resources: RoleResources = RoleResources()
     tracking: TrackingConfig = TrackingConfig()

@@ -4,7 +4,7 @@
   on prompts tagged unsafe and whenever it is low (the answer itself looks unsafe), else the
   helpfulness score decides.
 - `ppo_token_rewards`: `WHITEN(LOGIT(R_c))` at the last response token minus `beta * KL` per token.
-- `gae`, `policy_loss` (clipped surrogate), `value_loss` (clipped value), and the diagnostics PPO logs.
+- `gae`, `entropy` and `gather_logprobs`. The PPO and KL losses are in `corral.train.losses`.
 
 Every per-token tensor is (bsz, T) over "label positions": position t holds the token at t + 1 of
 the sequence, so logits[:, :-1] line up with it; `mask` is 1 on response tokens, 0 on prompt and
@@ -15,15 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from corral.train.losses import masked_mean
+
 SAFETY_THRESHOLD = 0.15  # the paper's: below it the answer is judged by safety even on a safe prompt
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of x over positions where mask is 1 (all of them, or along `dim`)."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -63,14 +57,6 @@ def gate_rate(safety: torch.Tensor, unsafe: torch.Tensor, threshold: float = SAF
     return (safety[untagged] < threshold).float().mean().item() if untagged.any() else 0.0
 
 
-def token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate log pi(a_t) - log pi_ref(a_t) at the sampled tokens (bsz, T).
-
-    Its expectation under pi is the exact KL; zero outside the response.
-    """
-    return (logprobs - ref_logprobs) * mask
-
-
 def ppo_token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-token rewards (bsz, T): -beta * KL on every response token, plus the sequence score
     (already WHITEN(LOGIT(R_c)), shape (bsz,)) on its last response token."""
@@ -96,32 +82,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         advantages[:, t] = last
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
-
-
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate -E[min(r A, clip(r, 1-eps, 1+eps) A)], r = pi / pi_old; and the
-    fraction of tokens where the clipped term was the one taken."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip, 1 + clip) * advantages
-    loss = masked_mean(-torch.min(unclipped, clipped), mask)
-    clip_fraction = masked_mean((clipped < unclipped).float(), mask)
-    return loss, clip_fraction
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2) -> torch.Tensor:
-    """0.5 * E[max((v - R)^2, (v_old + clip(v - v_old, -eps, eps) - R)^2)]: the critic may not move
-    a value more than `clip` from the one it predicted at rollout time and profit from it."""
-    clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
-
-
-def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimate of KL(pi_old || pi): E[(r - 1) - log r], never negative."""
-    log_ratio = logprobs - old_logprobs
-    return masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
 
 
 def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

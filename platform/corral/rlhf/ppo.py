@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from corral import tracking
-from corral.data.formats import read_records
+from corral.data.formats import read_all
 from corral.data.sft import encode_record, packed_rows
 from corral.data.tasks import TaskSuite
 from corral.engine import SamplingParams
 from corral.rlhf.actors import CriticActor, PolicyActor, ReferenceActor, RewardActor, RoleGroup
 from corral.rlhf.config import PPOConfig, PtxConfig
-from corral.rlhf.objectives import gae, logit, ppo_token_rewards, token_kl, whiten
+from corral.rlhf.objectives import gae, logit, ppo_token_rewards, whiten
+from corral.train.losses import token_kl
 from corral.rlhf.rollout import Samples, pad_rollouts, sample_and_score
 from corral.tokenizer import Tokenizer
 
@@ -80,7 +81,7 @@ class PtxRows:
 
     def __init__(self, cfg: PtxConfig, tokenizer: Tokenizer, seed: int):
         if cfg.data:
-            records = [r for path in cfg.data for r in read_records(path, "sft")]
+            records = read_all(cfg.data, "sft")
         else:
             records = TaskSuite(cfg.tasks.seed).sft_dialogs(cfg.tasks.train_size)
         self.rows = packed_rows([encode_record(tokenizer, r) for r in records], cfg.seq_len)

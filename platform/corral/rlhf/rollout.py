@@ -1,5 +1,9 @@
 """What rejection sampling and PPO share: prompts, sampling through the policy role, scoring with
-the combined reward, held-out evaluation and the paired bootstrap that judges it."""
+the combined reward, held-out evaluation and the paired bootstrap that judges it.
+
+Prompts come from files (rl_prompts records, or SFT dialogs' prompts) or from the synthetic task
+suite. A record may say what a right reply is (`answer`, `refuse`); held-out exact match and
+refusal rates are reported for the records that do, whatever their source."""
 
 from __future__ import annotations
 
@@ -9,43 +13,37 @@ from dataclasses import dataclass
 
 import torch
 
-from corral.data.formats import prompt_messages, read_records
-from corral.data.tasks import FAMILIES, TaskSuite, draw_safety, draw_task, is_refusal
+from corral.data.formats import prompt_messages, read_all
+from corral.data.tasks import TaskSuite
 from corral.engine import SamplingParams
-from corral.evaluate import normalise
+from corral.evaluate import is_refusal, normalise
 from corral.rlhf.actors import RoleGroup
 from corral.rlhf.config import PromptsConfig
 from corral.rlhf.objectives import combined_reward, gate_rate
 from corral.tokenizer import Tokenizer
 
 
-def suite_prompts(seed: int, n: int, split: str, safety_fraction: float) -> list[dict]:
-    """RL prompts from the task suite, with what a right reply is: `answer` (exact match) for tasks,
-    `refuse` for safety-family prompts. `safety` tags the unsafe ones, as the rl_prompts format does."""
-    rng = random.Random(f"{seed}:rlhf:{split}")
-    suite = TaskSuite(seed)
-    out = []
-    for _ in range(n):
-        if rng.random() < safety_fraction:
-            prompt, unsafe, _ = draw_safety(rng, split, suite.eval_fraction)
-            out.append({"prompt": prompt, "safety": unsafe, "refuse": unsafe})
-        else:
-            task = draw_task(rng.choice(FAMILIES), rng, split, suite.eval_fraction)
-            out.append({"prompt": task.prompt, "safety": False, "answer": task.answer})
-    return out
+def read_prompts(paths: list[str], fmt: str) -> list[dict]:
+    """Prompt records from rl_prompts files, or from SFT files (each dialog without its last
+    answer: the prompt it was written for)."""
+    if fmt == "sft":
+        return [{"prompt": r["messages"][:-1]} for r in read_all(paths, "sft")]
+    return read_all(paths, "rl_prompts")
 
 
 def load_prompts(cfg: PromptsConfig) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) prompt records."""
-    train = (read_records(cfg.train_path, "rl_prompts") if cfg.train_path
-             else suite_prompts(cfg.suite_seed, cfg.n_train, "train", cfg.safety_fraction))
-    held_out = (read_records(cfg.eval_path, "rl_prompts") if cfg.eval_path
-                else suite_prompts(cfg.suite_seed, cfg.n_eval, "eval", cfg.safety_fraction))
+    """(train, held-out) prompt records: the configured files, else the synthetic task suite."""
+    suite = TaskSuite(cfg.suite_seed)
+    train = (read_prompts(cfg.data, cfg.format) if cfg.data
+             else suite.rl_prompts(cfg.n_train, "train", cfg.safety_fraction))
+    held_out = (read_prompts(cfg.eval_data, cfg.format) if cfg.eval_data
+                else [] if cfg.data else suite.rl_prompts(cfg.n_eval, "eval", cfg.safety_fraction))
     return train, held_out
 
 
 def correct(record: dict, reply: str) -> bool | None:
-    """Whether a reply is right, for records that say (`answer` or `refuse`); else None."""
+    """Whether a reply is right, for records that say (`answer`: the exact reply, or `refuse`:
+    whether it should decline); else None. Any prompt set may carry them, not only the suite's."""
     if "answer" in record:
         return normalise(reply) == normalise(record["answer"])
     if "refuse" in record:
@@ -125,6 +123,18 @@ def paired_bootstrap(before: list[float], after: list[float], n: int = 2000, see
     idx = torch.randint(len(diff), (n, len(diff)), generator=gen)
     means = diff[idx].mean(1)  # (n,)
     return diff.mean().item(), means.quantile(0.025).item(), means.quantile(0.975).item()
+
+
+def heldout_summary(before: dict, after: dict | None) -> dict:
+    """Held-out metrics before and after, and the paired bootstrap interval of the reward change."""
+    out = {f"{k}_start": v for k, v in before["metrics"].items()}
+    if after is not None:
+        out |= {f"{k}_end": v for k, v in after["metrics"].items()}
+        if before["rewards"]:
+            mean, low, high = paired_bootstrap(before["rewards"], after["rewards"])
+            out |= {"heldout_reward_delta": mean, "heldout_reward_delta_ci_low": low,
+                    "heldout_reward_delta_ci_high": high}
+    return out
 
 
 def pad_rollouts(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

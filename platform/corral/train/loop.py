@@ -1,4 +1,4 @@
-"""The Ray Train loop shared by every training stage: pretraining now, SFT and reward models next.
+"""The Ray Train loop shared by every training stage: pretraining, SFT and the reward models.
 
 A stage describes its run as a `TrainJob` (how to build the model, its loss, where the final
 model goes) and calls `fit(job, datasets)`. Each Ray Train worker then runs `train_worker`:
@@ -55,6 +55,25 @@ class TrainJob:
     export_dir: str | None = None
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
+    params: dict = field(default_factory=dict)  # what the stage built (data sizes ...), logged to MLflow
+
+
+def steps_for(epochs: float, rows: int, loop: TrainLoopConfig, resources: ResourcesConfig,
+              deepspeed: DeepSpeedConfig) -> int:
+    """Optimizer steps for `epochs` passes over `rows` with the configured batch and workers."""
+    per_step = loop.micro_batch_size * resources.num_workers * deepspeed.grad_accum_steps
+    if rows < loop.micro_batch_size * resources.num_workers:
+        raise ValueError(f"{rows} training rows are fewer than one global batch "
+                         f"({loop.micro_batch_size} x {resources.num_workers} workers); add data")
+    return max(1, math.ceil(epochs * rows / per_step))
+
+
+def items_dataset(columns: dict):
+    """A Ray Dataset with one row per index of the given equal-length numpy columns."""
+    import ray.data
+
+    n = len(next(iter(columns.values())))
+    return ray.data.from_items([{k: v[i] for k, v in columns.items()} for i in range(n)])
 
 
 class ShardStream:

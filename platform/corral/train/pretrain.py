@@ -1,4 +1,5 @@
-"""Pretraining as a `TrainJob`: a freshly initialised Transformer, next-token loss on packed blocks."""
+"""Pretraining as a `TrainJob`: a freshly initialised Transformer, next-token loss on packed blocks
+(`corral.data.pretraining` prepares them; `corral.train.losses.pretrain_loss`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from corral import tracking
 from corral.checkpoint import save_model
 from corral.config import ModelConfig, PretrainConfig
 from corral.data.pretraining import CorpusError, load_packed, read_manifest
@@ -48,10 +48,10 @@ def check_data(cfg: PretrainConfig, data_dir: str | Path) -> dict:
     return manifest
 
 
-def pretrain_job(cfg: PretrainConfig, data_dir: str | Path, mlflow_run_id: str | None = None) -> tuple[TrainJob, dict]:
-    """The TrainJob and the Ray datasets of a pretraining run."""
+def pretrain_job(cfg: PretrainConfig, data_dir: str | Path, out: Path) -> tuple[TrainJob, dict]:
+    """The TrainJob and the Ray datasets of a pretraining run into `out / "model"`; checks the data
+    before any worker starts."""
     model = cfg.model_config_resolved()
-    out = Path(cfg.output_dir).resolve()
     manifest = check_data(cfg, data_dir)
     job = TrainJob(
         name="pretrain", storage_path=str(out / "ray"),
@@ -59,6 +59,6 @@ def pretrain_job(cfg: PretrainConfig, data_dir: str | Path, mlflow_run_id: str |
         loss_fn=pretrain_loss, loop=cfg.loop, deepspeed=cfg.deepspeed, optim=cfg.optim, resources=cfg.resources,
         export=partial(export_transformer, config=model, tokenizer_path=str(Path(data_dir) / "tokenizer.model"),
                        metadata={"stage": "pretrain", "tokenizer_sha256": manifest["tokenizer_sha256"]}),
-        export_dir=str(out / "model"), mlflow_run_id=mlflow_run_id, tracking_uri=tracking.tracking_uri(out),
+        export_dir=str(out / "model"), params={"data_dir": str(data_dir)},
     )
     return job, {split: load_packed(data_dir, split) for split in ("train", "validation")}
