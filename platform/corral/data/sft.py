@@ -84,10 +84,9 @@ def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id:
     """Pack whole dialogs into rows of `seq_len` inputs with next-token labels, best fit.
 
     Each dialog goes into the open row it leaves least room in (the oldest of equals), or opens a
-    new row: the tiny spec's 35,000 suite dialogs (~48 tokens) fill 128-token rows 92 %, against
-    79 % when each row takes dialogs in order until the next one does not fit, so SFT trains on
-    the same dialogs in 14 % fewer steps (1,739, not 2,025). Rows keep the order they were opened in; a row's dialogs keep the
-    examples' order.
+    new row: rows come out fuller than in-order packing, so SFT takes fewer steps for the same
+    dialogs (docs/design-notes.md, "Packing"). Rows keep the order they were opened in; a row's
+    dialogs keep the examples' order.
 
     A dialog is never split across rows: every answer sees its whole prompt. Labels are the next
     token where the mask says so, else IGNORE; a dialog's first token (its BOS) is never a label,

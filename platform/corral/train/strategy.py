@@ -77,11 +77,8 @@ def cpu_flags() -> set[str]:
 
 
 def slow_bf16_warning(bf16: bool, cuda: bool, flags: set[str]) -> str | None:
-    """A warning when bf16 training would run on a CPU without a bf16 fast path, else None.
-
-    Measured in this sandbox on an AVX2-only CPU (`benchmarks/machine.py`): a 1024^2 bf16 matmul ran
-    at 0.8 GFLOP/s against 139 for fp32; on the AVX-512 bf16 CPU of DESIGN.md bf16 was ~4x faster.
-    """
+    """A warning when bf16 training would run on a CPU without a bf16 fast path (AVX-512 bf16 or
+    AMX), where bf16 matmuls crawl (docs/design-notes.md, "bf16 on a CPU"), else None."""
     if not bf16 or cuda or not flags or any(f in flags for f in FAST_BF16_FLAGS):
         return None
     return ("warning: deepspeed.bf16 is on, but this CPU has no bf16 instructions (avx512_bf16 or amx_bf16): "
@@ -162,8 +159,8 @@ class DeepSpeedStrategy:
 
             optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
         else:
-            # fused: one kernel for all parameters (CPU and CUDA). For the tiny model on 2 cores a step
-            # took 4 ms against 14 ms for torch's default per-tensor loop on a CPU.
+            # fused: one kernel for all parameters (CPU and CUDA), ~3x faster than torch's per-tensor loop
+            # for a small model on a CPU (docs/design-notes.md).
             optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, self.max_steps))
         self.engine, _, _, _ = deepspeed.initialize(
