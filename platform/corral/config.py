@@ -94,9 +94,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# == Training-side configs ======================================================================
-# Every step config is pydantic with extra="forbid", so a pipeline spec validates each step's
-# block (and names the bad field) before any cluster work starts.
+# == Step configs ================================================================================
+# Every step's config lives here (the RLHF steps' in `corral.rlhf.config`). Each is pydantic with
+# extra="forbid", so a pipeline spec validates each step's block (and names the bad field) before
+# any cluster work starts. A step's `output_dir` left unset means the pipeline's step directory
+# (or `$CORRAL_HOME/runs/<step>` for a step run on its own).
 
 
 class DeepSpeedConfig(BaseModel):
@@ -307,9 +309,11 @@ class EvaluateConfig(BaseModel):
 
 
 class Gate(BaseModel):
+    """Bounds one evaluation metric must meet for `champion` to move to the new version."""
+
     model_config = ConfigDict(extra="forbid")
-    min: float | None = None
-    max: float | None = None
+    min: float | None = Field(default=None, description="the metric must be at least this")
+    max: float | None = Field(default=None, description="the metric must be at most this")
 
     @model_validator(mode="after")
     def _one_bound(self) -> "Gate":
@@ -322,12 +326,17 @@ class Gate(BaseModel):
 
 
 class ModelEntry(BaseModel):
+    """One model to register: a name in the registry and the step whose `model` output it is."""
+
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="registered model name, e.g. llama2-tiny-chat")
     from_step: str = Field(description="the step whose `model` output is this model")
 
 
 class RegisterConfig(BaseModel):
+    """The register step: each model becomes a new version with the alias `candidate`; `champion`
+    moves to it only when every gate passes."""
+
     model_config = ConfigDict(extra="forbid")
     models: list[ModelEntry] = Field(min_length=1)
     metrics_from: str | None = Field(default=None, description="the evaluate step whose metrics tag the versions")

@@ -19,7 +19,7 @@ import torch
 from corral import load_model, tracking
 from corral.checkpoint import export_hf, save_model
 from corral.config import ModelConfig
-from corral.data.formats import read_records
+from corral.data.formats import read_records, write_records
 from corral.data.sft import encode_dialog, encode_record, pack, packed_rows
 from corral.data.tasks import TaskSuite
 from corral.model import Transformer
@@ -182,8 +182,12 @@ def test_ppo_raises_reward_on_its_training_prompts(ray_cluster, mlflow_server, m
 def test_rejection_sampling_round_logs_and_fine_tunes(ray_cluster, mlflow_server, models, tokenizer, tmp_path):
     from pipelines.steps import rejection_sampling
 
+    # the prompts come from files, as a user's would: the suite's, written out in the rl_prompts format
+    suite = TaskSuite(0)
+    prompts = {"data": [str(write_records(tmp_path / "rl.jsonl", suite.rl_prompts(32, "train", 0.5)))],
+               "eval_data": [str(write_records(tmp_path / "rl-eval.parquet", suite.rl_prompts(24, "eval", 0.5)))]}
     out = rejection_sampling.run(rl_config(models, tmp_path, rounds=2, samples_per_prompt=4, epochs=2,
-                                           micro_batch_size=8, seq_len=96,
+                                           micro_batch_size=8, seq_len=96, prompts=prompts,
                                            # 1e-3 and 3e-4 pulled this weak policy toward its own over-scored
                                            # samples (held-out reward fell), as 2e-4 did in the tiny spec
                                            optim={"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"}), {})

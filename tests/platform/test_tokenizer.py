@@ -1,5 +1,6 @@
 """Tokenizer settings, the Llama 2 chat template, and ids identical to transformers' AutoTokenizer."""
 
+import json
 import random
 
 import pytest
@@ -108,3 +109,25 @@ def test_multi_turn_without_system_prompt(tokenizer):
 def test_bad_dialogs_are_rejected_with_a_clear_error(tokenizer, msgs, match):
     with pytest.raises(ChatFormatError, match=match):
         tokenizer.encode_chat(msgs)
+
+
+def test_the_tokenizer_step_reads_what_prepare_data_reads(corpus, tmp_path):
+    """JSONL records' `text`, Parquet rows' `text` and plain files, listed by the same lister."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from corral.data.pretraining import CorpusError
+    from pipelines.steps import tokenizer as step
+
+    plays = sorted(corpus.glob("*_gut.txt"))[:3]
+    write = lambda p, rows: p.write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
+    write(tmp_path / "docs.jsonl", [{"text": p.read_text()} for p in plays[:2]] + [{"no_text": 1}])
+    # a word found only in the Parquet file, often enough to become one piece
+    pq.write_table(pa.table({"text": ["the zorblaxian came\n" * 400, plays[2].read_text()]}), tmp_path / "docs.parquet")
+    out = step.run({"inputs": [str(tmp_path / "docs.jsonl"), str(tmp_path / "docs.parquet")], "vocab_size": 1000},
+                   {"output_dir": str(tmp_path / "tok")})
+    tok = corral.load_tokenizer(out["tokenizer"])
+    assert tok.vocab_size == 1000
+    assert [tok.id_to_piece(i) for i in tok.encode("zorblaxian", bos=False)] == ["\u2581zorblaxian"]
+    with pytest.raises(CorpusError, match="nope does not exist"):
+        step.run({"inputs": [str(tmp_path / "nope")]}, {"output_dir": str(tmp_path / "tok2")})
