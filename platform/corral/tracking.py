@@ -3,6 +3,9 @@
 Everything goes through `MlflowClient` with explicit run ids, never MLflow's global "active run":
 a training worker, a Ray task and the driver can all log into the same run, and a resumed
 training run logs into the run it started in. The server comes from MLFLOW_TRACKING_URI.
+
+Metrics are best-effort while a tracking server is down (`log_metrics`): an outage of MLflow
+must not stop or restart training, so they wait, bounded, and are sent when it is back.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 DEGRADED_TAG = "corral.tracking.degraded"  # set on a run whose metrics an outage held back
 # Tracking is best-effort for metrics (log_metrics): an outage of the server holds them back.
 MAX_OUTAGE_S = 3600.0  # one hour of training logged late, at most; then the run fails, loudly
-MAX_BUFFERED = 500_000  # metric values held meanwhile (~100 MB at worst)
+MAX_BUFFERED = 200_000  # metric values held meanwhile (~100 MB of Metric objects)
 PROBE_EVERY_S = 5.0  # while the server is down: how often a call checks whether it is back
 REMIND_EVERY_S = 300.0  # while the server is down: how often the log says so again
 
@@ -156,7 +159,7 @@ def log_params(run_id: str, params: Mapping) -> None:
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    """One batch of metrics at `step` (a single HTTP request), best-effort while the server is down.
+    """One batch of metrics at `step` (a health check and one request), best-effort while the server is down.
 
     When an HTTP tracking server does not answer, the batch is kept with its step and time and the
     caller goes on (training does not wait for tracking); the first call that finds the server
