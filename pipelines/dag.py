@@ -174,12 +174,12 @@ def run_pipeline(spec: PipelineSpec, spec_text: str = "", force: tuple[str, ...]
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=5)
             for ref in done:
-                r = ray.get(ref)
+                r = _result(ref, step_of[ref])
                 results[step_of[ref]] = r
                 log(f"  {r.step_id:<20} {r.status:<9} {r.seconds:7.1f}s")
             if time.time() - last_progress > 15:
                 last_progress = time.time()
-                for line in progress_lines(parent):
+                for line in _poll_progress(parent, log):
                     if line not in shown:  # a step that has not logged since the last look: no repeat
                         log(line)
                         shown.add(line)
@@ -196,6 +196,30 @@ def run_pipeline(spec: PipelineSpec, spec_text: str = "", force: tuple[str, ...]
     for r in failed:
         log(f"\nstep {r.step_id} failed:\n{r.error}")
     return ordered
+
+
+def _result(ref: ray.ObjectRef, step_id: str) -> StepResult:
+    """A step task's result; a task that died (its worker, or its own MLflow calls in an outage)
+    is that step's failure, not a reason to stop the others."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as e:
+        return StepResult(step_id, "failed", error=f"the step's task died: {e}")
+
+
+def _poll_progress(parent_run_id: str, log) -> list[str]:
+    """progress_lines, best-effort: progress is read from MLflow, and an MLflow outage stops
+    nothing (logged; the next poll tries again)."""
+    if not tracking.server_answers():
+        log(f"  progress: MLflow at {tracking.client().tracking_uri} does not answer; tracking is degraded, "
+            f"the steps go on (next try in 15 s)")
+        return []
+    try:
+        return progress_lines(parent_run_id)
+    except Exception as e:  # noqa: BLE001 - whatever the read hit, the steps go on
+        log(f"  progress: reading it from MLflow failed ({type(e).__name__}: {str(e)[:200]}); "
+            f"the steps go on (next try in 15 s)")
+        return []
 
 
 def _mark_killed(parent_run_id: str) -> None:

@@ -49,29 +49,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class MlflowServer:
+    """A real `mlflow server` on SQLite with served artifacts; `stop()` and `start()` again on the
+    same port and stores stage an outage."""
+
+    def __init__(self, home: Path):
+        self.home, self.port = home, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> None:
+        import time
+        import urllib.request
+
+        from corral.stack import start_mlflow_server
+
+        log = open(self.home / "server.log", "a")
+        self.proc = start_mlflow_server(self.port, self.home / "mlflow.db", self.home / "artifacts", log)
+        deadline = time.time() + 300  # a loaded 2-core machine takes minutes
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.proc.kill()
+                    raise RuntimeError(f"mlflow server did not start; see {self.home / 'server.log'}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on SQLite with served artifacts, for the whole session."""
-    import time
-    import urllib.request
+def mlflow_server_process(tmp_path_factory) -> MlflowServer:
+    """The session's MLflow server itself; a test that stops it must start it again."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.stop()
 
-    from corral.stack import start_mlflow_server
 
-    home = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(home / "server.log", "w")
-    proc = start_mlflow_server(port, home / "mlflow.db", home / "artifacts", log)
-    deadline = time.time() + 300  # a loaded 2-core machine takes minutes
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"mlflow server did not start; see {home / 'server.log'}")
-            time.sleep(0.5)
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_process):
+    """The session's MLflow server's URI, exported as MLFLOW_TRACKING_URI for the whole session."""
+    uri = mlflow_server_process.uri
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     yield uri
@@ -79,7 +101,6 @@ def mlflow_server(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = old
-    stop_process(proc)
 
 
 def stop_process(proc, grace: float = 30) -> None:

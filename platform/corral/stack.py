@@ -114,6 +114,12 @@ WORKER_PRIORITY = {"RAY_worker_niceness": "0"}
 # The pipeline runner spends that time cancelling its steps and marking their MLflow runs KILLED;
 # on a loaded 2-core machine that took longer than 3 s, and the runs were left RUNNING.
 JOB_STOP_GRACE = {"RAY_JOB_STOP_WAIT_TIME_S": "30"}
+# The local stack keeps to loopback. `ray start --node-ip-address 127.0.0.1` alone does not: Ray
+# swaps a loopback address for the host's network address, so GCS, the raylet, the agents, the
+# client server and the metrics ports listened on every interface. With clusters turned off (what
+# Ray does on macOS and Windows) the node's address is 127.0.0.1 and they all bind to it; only a
+# second node cannot join, which a one-host stack never needs. See docs/security.md.
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 # MLflow 3's server also starts a job runner and seven huey consumer processes, for GenAI scorer
@@ -155,14 +161,14 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
     else:
         cmd = [_ray_bin(), "start", "--head", "--port", str(stack.ray_port), "--dashboard-host", "127.0.0.1",
                "--dashboard-port", str(stack.dashboard_port), "--dashboard-agent-listen-port", str(stack.agent_port),
-               "--disable-usage-stats"]
+               "--disable-usage-stats", "--node-ip-address", "127.0.0.1"]
         # Logical CPUs, not cores: training workers hold theirs for the whole run while Ray Data
         # read tasks and step tasks need more; on a laptop they mostly wait on each other, and
         # too few logical CPUs deadlocks a training step behind its own data loading.
         cmd += ["--num-cpus", str(num_cpus or max(8, os.cpu_count() or 1))]
         log("starting Ray head: " + " ".join(cmd[1:]))
         env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_uri, "RAY_AUTH_MODE": "token",
-               **WORKER_PRIORITY, **JOB_STOP_GRACE,
+               **WORKER_PRIORITY, **JOB_STOP_GRACE, **LOOPBACK_ONLY,
                # job entrypoints (`corral pipeline run ...`) find this environment's commands
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         ray_log = home / "logs" / "ray-start.log"

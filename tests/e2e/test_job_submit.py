@@ -5,9 +5,11 @@ Runs before the rest of the suite's Ray cluster exists (tests/e2e sorts first) a
 ports, so it never shares a Ray head with other tests."""
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -67,6 +69,29 @@ def head_processes(state: dict) -> list[psutil.Process]:
     return [p for p in psutil.process_iter() if ours(p)]
 
 
+def stack_sockets(state: dict) -> set[tuple[str, int, str]]:
+    """(address, port, command) of every listening socket of the stack's processes: the Ray head's
+    (its process group or session, and all they started: workers, job drivers) and MLflow's."""
+    procs = {p.pid: p for p in head_processes(state)}
+    for p in list(procs.values()):
+        with contextlib.suppress(psutil.Error):
+            procs |= {c.pid: c for c in p.children(recursive=True)}
+    for p in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(p.pid) == state["mlflow_pid"]:  # the server and its uvicorn workers
+                procs[p.pid] = p
+    found = set()
+    for c in psutil.net_connections(kind="inet"):
+        if c.pid in procs and (c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)):
+            with contextlib.suppress(psutil.Error):
+                command = " ".join(procs[c.pid].cmdline()).split() or [procs[c.pid].name()]
+                found.add((c.laddr.ip, c.laddr.port, command[0]))
+    return found
+
+
+SOCKETS_SEEN: set[tuple[str, int, str]] = set()  # sampled while the pipeline trains, checked at the end
+
+
 def short_spec(tmp: Path) -> Path:
     """The tiny spec cut to tokenizer -> data -> pretrain -> sft -> register, with few steps."""
     spec = yaml.safe_load((REPO / "pipelines/specs/llama2-tiny.yaml").read_text().replace("${CORRAL_HOME}/data/gutenberg", str(corpus_dir())))
@@ -110,8 +135,10 @@ def test_submit_stop_resubmit_and_load_the_registered_models(stack, tmp_path, mo
     assert r.returncode == 0, r.stdout + r.stderr
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", r.stdout + r.stderr).group(0)
     deadline = time.time() + 900
+    state = json.loads((Path(stack["CORRAL_HOME"]) / "stack.json").read_text())
     while len(pretrain_steps(client)) < 12:  # past the step-10 checkpoint
         assert time.time() < deadline, cli("ray", "job", "logs", job_id, env=stack, check=False).stdout[-5000:]
+        SOCKETS_SEEN.update(stack_sockets(state))  # the job driver, step tasks and training workers
         time.sleep(5)
     cli("ray", "job", "stop", job_id, env=stack)
     status = cli("ray", "job", "status", job_id, env=stack)
@@ -167,3 +194,33 @@ def test_a_stopped_job_gets_time_to_unwind(stack, tmp_path):
         time.sleep(1)
     cli("ray", "job", "stop", job_id, env=stack)
     assert mark.is_file() and mark.read_text() == "unwound"
+
+
+def allowed_beyond_loopback() -> dict[str, tuple[str, str]]:
+    """docs/security.md's table of sockets beyond loopback: {command prefix: (why, protection)}."""
+    text = (REPO / "docs/security.md").read_text()
+    section = text.split("### Listening beyond loopback", 1)[1].split("\n#", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| `")]
+    allowed = {row[0].strip("`"): (row[2], row[3]) for row in rows}
+    assert all(why and protection for why, protection in allowed.values()), "each entry needs why and protection"
+    return allowed
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def test_the_stack_listens_on_loopback_only(stack):
+    """Every listening socket of `corral up`'s processes, now and while the pipeline trained, is on
+    loopback, or named in docs/security.md with its reason and protection."""
+    state = json.loads((Path(stack["CORRAL_HOME"]) / "stack.json").read_text())
+    seen = SOCKETS_SEEN | stack_sockets(state)
+    ports = {port for _, port, _ in seen}
+    assert int(stack["RAY_ADDRESS"].rsplit(":", 1)[1]) in ports and state["mlflow_port"] in ports, seen
+    allowed = allowed_beyond_loopback()
+    beyond = sorted(s for s in seen if not is_loopback(s[0]) and not any(s[2].startswith(p) for p in allowed))
+    assert not beyond, (f"listening beyond loopback: {beyond}; bind them to 127.0.0.1, or name them in "
+                        f"docs/security.md with why and how they are protected")
+    print("\nlistening sockets of the stack: " + ", ".join(f"{a}:{p} {c}" for a, p, c in sorted(seen)))

@@ -33,7 +33,8 @@ def compose():
 
 
 def test_compose_has_the_stack(compose):
-    assert set(compose["services"]) == {"postgres", "minio", "minio-init", "mlflow", "ray-head", "ray-worker"}
+    assert set(compose["services"]) == {"secrets-check", "postgres", "minio", "minio-init", "mlflow", "ray-head",
+                                        "ray-worker"}
     assert set(compose["volumes"]) == {"postgres-data", "minio-data"}
 
 
@@ -53,27 +54,99 @@ def test_compose_start_order_is_health_gated(compose):
     services = compose["services"]
     for name, svc in services.items():
         for dep, cond in svc.get("depends_on", {}).items():
-            wanted = "service_completed_successfully" if dep == "minio-init" else "service_healthy"
+            wanted = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
             assert cond["condition"] == wanted, f"{name} -> {dep}"
             if wanted == "service_healthy":
                 assert "healthcheck" in services[dep], f"{dep} needs a healthcheck"
     for ray_svc in ("ray-head", "ray-worker"):
         assert services[ray_svc]["shm_size"] and "ports" not in services["ray-worker"]  # workers scale
+    for store in ("postgres", "minio"):  # nothing stores a secret before it is checked
+        assert services[store]["depends_on"]["secrets-check"]["condition"] == "service_completed_successfully"
 
 
 def test_compose_mlflow_uses_postgres_and_proxied_minio_artifacts(compose):
-    cmd = " ".join(compose["services"]["mlflow"]["command"])
-    assert "--backend-store-uri=postgresql://" in cmd and "--artifacts-destination=s3://" in cmd
-    assert "--serve-artifacts" in cmd
+    mlflow = compose["services"]["mlflow"]
+    cmd = " ".join(mlflow["command"])
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    assert "--artifacts-destination=s3://" in cmd and "--serve-artifacts" in cmd
     worker_env = compose["services"]["ray-worker"]["environment"]
     assert worker_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert not any(k.startswith("AWS_") for k in worker_env), "workers need only MLFLOW_TRACKING_URI"
 
 
+SECRETS = ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_S3_SECRET_KEY", "RAY_AUTH_TOKEN")
+ONE_SHOT = ("secrets-check", "minio-init")
+
+
+def env_example() -> dict[str, str]:
+    return dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+                if line and not line.startswith("#"))
+
+
+def test_compose_keeps_secrets_off_command_lines(compose):
+    """`ps` shows every process's command line to every user, `docker inspect` a container's
+    command: no secret is interpolated into one. The one exception, documented in
+    docs/security.md: `mc admin user add` takes the MLflow user's secret as an argument (shell-
+    expanded inside the one-shot minio-init container, so `docker inspect` shows only its name)."""
+    for name, svc in compose["services"].items():
+        for part in ("command", "entrypoint", "healthcheck"):
+            text = json.dumps(svc.get(part, ""))
+            used = [s for s in SECRETS if f"${{{s}" in text]  # compose-time: the value itself in the command
+            assert not used, f"{name}'s {part} carries {used}: pass secrets in the environment"
+            runtime = [s for s in SECRETS if f"$${s}" in text]
+            allowed = ["MLFLOW_S3_SECRET_KEY"] if (name, part) == ("minio-init", "command") else []
+            assert runtime == allowed, f"{name}'s {part} puts {runtime} on a command line"
+    assert "PASSWORD" not in compose["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert "@" not in compose["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].split("@postgres")[0]
+
+
+def test_compose_refuses_the_example_passwords(compose, tmp_path):
+    """The secrets-check service's script, run here by sh as the container would run it."""
+    script = compose["services"]["secrets-check"]["command"][0]
+    assert "${" not in script.replace("$${", "")  # nothing for compose to fill in but $$ escapes
+    script = script.replace("$$", "$")
+    example = env_example()
+    env = {k: example[k] for k in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MINIO_ROOT_USER",
+                                   "MLFLOW_S3_ACCESS_KEY", "MLFLOW_S3_SECRET_KEY")}
+
+    def check(**changes):
+        return subprocess.run(["sh", "-c", script], env=env | changes, capture_output=True, text=True)
+
+    refused = check()
+    assert refused.returncode != 0 and "POSTGRES_PASSWORD is still the example value" in refused.stdout
+    strong = {k: f"{k.lower()}-0123456789abcdef" for k in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD",
+                                                            "MLFLOW_S3_SECRET_KEY")}
+    assert check(**strong).returncode == 0
+    for key in strong:  # each secret is checked, not just the first
+        r = check(**strong | {key: example[key]})
+        assert r.returncode != 0 and key in r.stdout, (key, r.stdout)
+    assert "shorter than 16" in check(**strong | {"POSTGRES_PASSWORD": "short"}).stdout
+    same = check(**strong | {"MLFLOW_S3_ACCESS_KEY": env["MINIO_ROOT_USER"]})
+    assert same.returncode != 0 and "root user" in same.stdout
+    for key in strong:  # compose itself refuses a missing or empty one (`:?`)
+        assert f"${{{key}:?" in (REPO / "docker-compose.yml").read_text()
+
+
+def test_mlflow_artifacts_use_a_dedicated_minio_user_not_the_root_account(compose):
+    services = compose["services"]
+    mlflow_env = services["mlflow"]["environment"]
+    assert "MLFLOW_S3_ACCESS_KEY" in mlflow_env["AWS_ACCESS_KEY_ID"]
+    assert "MLFLOW_S3_SECRET_KEY" in mlflow_env["AWS_SECRET_ACCESS_KEY"]
+    assert not any("MINIO_ROOT" in str(v) for v in mlflow_env.values())
+    init = services["minio-init"]["command"][0]
+    assert "mc admin user add local \"$$MLFLOW_S3_ACCESS_KEY\"" in init
+    assert "mc admin policy attach local mlflow-artifacts --user" in init
+    assert '"arn:aws:s3:::%s", "arn:aws:s3:::%s/*"' in init and "s3:*" not in init  # that bucket, those actions
+
+
+def test_env_file_is_git_ignored():
+    r = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=REPO)
+    assert r.returncode == 0, "add .env to .gitignore: it holds the stack's secrets"
+
+
 def test_env_example_defines_every_variable_compose_reads(compose):
-    used = set(re.findall(r"\$\{([A-Z_]+)", (REPO / "docker-compose.yml").read_text()))
-    defined = {line.split("=")[0] for line in (REPO / ".env.example").read_text().splitlines()
-               if line and not line.startswith("#")}
+    used = set(re.findall(r"\$\{([A-Z0-9_]+)", (REPO / "docker-compose.yml").read_text()))
+    defined = set(env_example())
     assert used <= defined, f"add to .env.example: {sorted(used - defined)}"
 
 

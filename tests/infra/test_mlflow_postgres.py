@@ -1,6 +1,7 @@
 """MLflow on a real PostgreSQL, the backend store the compose file uses: Debian's server, started
 here for the test (installed with apt-get when missing), an `mlflow server` on it, a run logged
-and read back, a model version registered with an alias."""
+and read back, a model version registered with an alias. As in the compose file, the database
+asks for a password and the server gets it from the environment, not its command line."""
 
 import glob
 import os
@@ -13,9 +14,13 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 
 from tests.conftest import free_port, stop_process
+
+
+PASSWORD = "pg-test-secret-4f1c9a"
 
 
 def pg_bin() -> str | None:
@@ -38,8 +43,11 @@ def postgres():
     as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses root
     if as_pg:
         shutil.chown(home, "postgres")
-    subprocess.run(as_pg + [f"{bindir}/initdb", "-D", str(data), "-U", "mlflow", "--auth=trust"],
-                   check=True, capture_output=True)
+    (home / "pw").write_text(PASSWORD)
+    if as_pg:
+        shutil.chown(home / "pw", "postgres")
+    subprocess.run(as_pg + [f"{bindir}/initdb", "-D", str(data), "-U", "mlflow", "--auth-local=trust",
+                            "--auth-host=scram-sha-256", f"--pwfile={home / 'pw'}"], check=True, capture_output=True)
     subprocess.run(as_pg + [f"{bindir}/pg_ctl", "-D", str(data), "-l", str(home / "pg.log"), "-w", "start",
                             "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)
     yield f"postgresql://mlflow@127.0.0.1:{port}/postgres"
@@ -50,10 +58,11 @@ def postgres():
 @pytest.fixture(scope="module")
 def mlflow_on_postgres(postgres, tmp_path_factory):
     port, home = free_port(), tmp_path_factory.mktemp("mlflow-pg")
+    # the compose file's way: the store URI names no password, libpq reads PGPASSWORD
+    env = os.environ | {"MLFLOW_BACKEND_STORE_URI": postgres, "PGPASSWORD": PASSWORD}
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", postgres, "--artifacts-destination", str(home / "artifacts"),
-                             "--serve-artifacts", "--workers", "1"],
-                            stdout=open(home / "log", "w"), stderr=subprocess.STDOUT)
+                             "--artifacts-destination", str(home / "artifacts"), "--serve-artifacts", "--workers", "1"],
+                            stdout=open(home / "log", "w"), stderr=subprocess.STDOUT, env=env)
     uri, deadline = f"http://127.0.0.1:{port}", time.time() + 180
     while True:
         try:
@@ -62,12 +71,23 @@ def mlflow_on_postgres(postgres, tmp_path_factory):
         except OSError:
             assert proc.poll() is None and time.time() < deadline, (home / "log").read_text()[-3000:]
             time.sleep(0.5)
-    yield uri
+    yield uri, proc
     stop_process(proc)
 
 
+def test_the_database_wants_a_password_which_no_command_line_shows(postgres, mlflow_on_postgres):
+    import psycopg
+
+    with pytest.raises(psycopg.OperationalError, match="password"):  # this process has no PGPASSWORD
+        psycopg.connect(postgres, connect_timeout=10).close()
+    _, proc = mlflow_on_postgres
+    server = psutil.Process(proc.pid)
+    for p in [server, *server.children(recursive=True)]:
+        assert PASSWORD not in " ".join(p.cmdline()), p.cmdline()
+
+
 def test_mlflow_server_on_postgres_logs_and_reads_back(mlflow_on_postgres, tmp_path):
-    client = mlflow.MlflowClient(mlflow_on_postgres)
+    client = mlflow.MlflowClient(mlflow_on_postgres[0])
     exp = client.create_experiment("pg-check")
     run = client.create_run(exp, run_name="pg")
     client.log_param(run.info.run_id, "backend", "postgresql")

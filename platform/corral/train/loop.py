@@ -204,6 +204,8 @@ def train_worker(config: dict) -> None:
         if strategy.is_rank0():
             job.export(state, Path(job.export_dir))
     strategy.barrier()
+    if strategy.is_rank0():  # metrics an MLflow outage held back: sent before the worker exits
+        tracking.flush()
 
 
 @torch.no_grad()
