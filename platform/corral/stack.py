@@ -50,6 +50,7 @@ class Stack:
         return {
             "RAY_ADDRESS": f"127.0.0.1:{self.ray_port}",
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,  # `ray job submit`
+            "RAY_DASHBOARD_ADDRESS": self.dashboard_url,  # `serve deploy`, `serve status`
             "RAY_AUTH_MODE": "token",
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
         }
@@ -161,7 +162,9 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
         # too few logical CPUs deadlocks a training step behind its own data loading.
         cmd += ["--num-cpus", str(num_cpus or max(8, os.cpu_count() or 1))]
         log("starting Ray head: " + " ".join(cmd[1:]))
-        env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_uri, "RAY_AUTH_MODE": "token",
+        # CORRAL_HOME, absolute: a job runs in an uploaded copy of the working directory, where the
+        # git-ignored .corral/ is absent; this way `${CORRAL_HOME}` in a spec means the submitter's home.
+        env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_uri, "RAY_AUTH_MODE": "token", "CORRAL_HOME": str(home),
                **WORKER_PRIORITY, **JOB_STOP_GRACE,
                # job entrypoints (`corral pipeline run ...`) find this environment's commands
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
