@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ BIN = Path(sys.executable).parent
 FOREIGN = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI",
            "CORRAL_HOME", "CORRAL_EXPERIMENT")
 # a fresh checkout holds none of these
+STEP_STATUSES = {"succeeded", "reused", "failed", "skipped", "killed", "running", "pending"}
 NOT_CHECKED_OUT = shutil.ignore_patterns(".git", ".venv", ".corral", "__pycache__", "*.egg-info", ".pytest_cache",
                                          "mlruns", "build")
 
@@ -60,10 +62,13 @@ class Flow:
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory):
-    checkout = tmp_path_factory.mktemp("fresh-checkout") / "corral"
+def flow():
+    # not under pytest's basetemp: other pytest sessions on this host prune old numbered basetemps,
+    # and a ~15 min session loses its checkout (and the stack's MLflow database) under it
+    root = Path(tempfile.mkdtemp(prefix="corral-readme-"))
+    checkout, home = root / "corral", root / "home"
     shutil.copytree(REPO, checkout, ignore=NOT_CHECKED_OUT)
-    home = tmp_path_factory.mktemp("home")
+    home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in FOREIGN} | {
         "HOME": str(home),  # a fresh machine's, without the ~/.ray/auth_token that Ray's token auth needs
         # but pip's configuration and caches (the demo corpus, DeepSpeed's compiled ops) from this one
@@ -73,10 +78,14 @@ def flow(tmp_path_factory):
         **{f"CORRAL_{name}_PORT": str(free_port()) for name in ("RAY", "DASHBOARD", "MLFLOW", "AGENT", "SERVE")},
     }
     f = Flow(checkout, env)
-    f.run("up", timeout=600)
-    yield f
-    state = json.loads((checkout / ".corral" / "stack.json").read_text())
-    f.run("down", timeout=300)
+    try:
+        f.run("up", timeout=600)
+        yield f
+    finally:  # `corral down` also when a block failed, so that nothing outlives the test
+        state_file = checkout / ".corral" / "stack.json"
+        state = json.loads(state_file.read_text()) if state_file.is_file() else None
+        f.run("down", timeout=300)
+        shutil.rmtree(root, ignore_errors=True)
     leftovers = [" ".join(p.cmdline())[:80] for p in head_processes(state)]
     assert not leftovers, f"corral down left {len(leftovers)} Ray processes: {leftovers}"
     assert not psutil.pid_exists(state["mlflow_pid"]) or psutil.Process(state["mlflow_pid"]).status() == "zombie", \
@@ -93,7 +102,7 @@ def head_processes(state: dict) -> list[psutil.Process]:
 def step_rows(output: str) -> dict[str, str]:
     """`step -> status` from the summary table a pipeline run prints."""
     rows = (line.split() for line in output.splitlines() if "http://" in line)
-    return {row[0]: row[1] for row in rows if len(row) >= 4 and row[0] != "pipeline"}
+    return {row[0]: row[1] for row in rows if len(row) >= 4 and row[1] in STEP_STATUSES}
 
 
 def test_the_readme_flow_runs_verbatim(flow):
