@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="start the local stack: a Ray head and an MLflow server (SQLite)")
     u.add_argument("--ray-port", type=int, default=port("ray", 6379), help="default: $CORRAL_RAY_PORT or 6379")
-    u.add_argument("--dashboard-port", type=int, default=port("dashboard", 8265), help="$CORRAL_DASHBOARD_PORT or 8265")
+    u.add_argument("--dashboard-port", type=int, default=port("dashboard", 8265),
+                   help="$CORRAL_DASHBOARD_PORT or 8265")
     u.add_argument("--mlflow-port", type=int, default=port("mlflow", 5000), help="$CORRAL_MLFLOW_PORT or 5000")
     u.add_argument("--agent-port", type=int, default=port("agent", 52365),
                    help="Ray dashboard agent (job submission): $CORRAL_AGENT_PORT or 52365")

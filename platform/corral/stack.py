@@ -162,12 +162,13 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
         # too few logical CPUs deadlocks a training step behind its own data loading.
         cmd += ["--num-cpus", str(num_cpus or max(8, os.cpu_count() or 1))]
         log("starting Ray head: " + " ".join(cmd[1:]))
-        # CORRAL_HOME, absolute: a job runs in an uploaded copy of the working directory, where the
-        # git-ignored .corral/ is absent; this way `${CORRAL_HOME}` in a spec means the submitter's home.
-        env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_uri, "RAY_AUTH_MODE": "token", "CORRAL_HOME": str(home),
+        env = {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_uri, "RAY_AUTH_MODE": "token",
                **WORKER_PRIORITY, **JOB_STOP_GRACE,
                # job entrypoints (`corral pipeline run ...`) find this environment's commands
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        # A job runs in Ray's uploaded copy of the working directory, where the git-ignored .corral/
+        # is absent: with the absolute home here, `${CORRAL_HOME}` in a spec means the submitter's.
+        env["CORRAL_HOME"] = str(home)
         ray_log = home / "logs" / "ray-start.log"
         with open(ray_log, "a") as out:
             # A fresh machine has no token yet: `ray start` would refuse to start. This makes
