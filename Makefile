@@ -22,6 +22,7 @@ test: install
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# the README's "Using it" blocks, as written (corral/demo.py reads them from README.md)
 demo: install
 	$(PY) -m corral.demo
 

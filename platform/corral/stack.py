@@ -50,6 +50,7 @@ class Stack:
         return {
             "RAY_ADDRESS": f"127.0.0.1:{self.ray_port}",
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,  # `ray job submit`
+            "RAY_DASHBOARD_ADDRESS": self.dashboard_url,  # `serve deploy`, `serve status`
             "RAY_AUTH_MODE": "token",
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
         }
@@ -171,6 +172,9 @@ def up(ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5000
                **WORKER_PRIORITY, **JOB_STOP_GRACE, **LOOPBACK_ONLY,
                # job entrypoints (`corral pipeline run ...`) find this environment's commands
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        # A job runs in Ray's uploaded copy of the working directory, where the git-ignored .corral/
+        # is absent: with the absolute home here, `${CORRAL_HOME}` in a spec means the submitter's.
+        env["CORRAL_HOME"] = str(home)
         ray_log = home / "logs" / "ray-start.log"
         with open(ray_log, "a") as out:
             # A fresh machine has no token yet: `ray start` would refuse to start. This makes
