@@ -12,6 +12,7 @@ one checkpoint directory inside it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -68,19 +69,22 @@ def _cached_version(pinned: str) -> Path:
     target = model_cache() / server / name / version
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
-    try:
-        _download(pinned, name, version, tmp)
+    locks = model_cache() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{server}-{name}-{version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # replicas starting together on one machine: one downloads
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
         try:
+            _download(pinned, name, version, tmp)
             os.rename(tmp, target)  # atomic: a reader sees no copy or a whole one
-        except OSError:
-            if not target.is_dir():  # not another replica's copy that arrived first
-                raise
-    except Exception as e:
-        raise CheckpointError(f"cannot download {pinned} from the MLflow registry at {_tracking_uri()}: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot download {pinned} from the MLflow registry at {_tracking_uri()}: "
+                                  f"{e}") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
