@@ -1,8 +1,13 @@
 """OpenAI's completions and chat-completions API: request and response models, and its error format.
 
-Requests are strict: an unknown field, a wrong type or a value out of range is a 400 whose body
-names the parameter, as `{"error": {"message", "type", "param", "code"}}`. `top_k` is the one
-extension (vLLM's), passed by OpenAI clients through `extra_body`.
+Requests are strict: an unknown field, a wrong type, a number out of the range the engine
+accepts, text that is not valid Unicode or JSON nested deeper than `MAX_JSON_DEPTH` is a 400
+whose body names the parameter, as `{"error": {"message", "type", "param", "code"}}`. `top_k` is
+the one extension (vLLM's), passed by OpenAI clients through `extra_body`.
+
+Log-probabilities come in OpenAI's (and vLLM's) shapes: completions' `logprobs` (top N) and
+`echo` (the prompt's tokens with theirs, as lm-evaluation-harness scores multiple choice), chat's
+`logprobs` / `top_logprobs`. They are the model's raw log-probabilities (before temperature).
 """
 
 from __future__ import annotations
@@ -12,9 +17,13 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_JSON_DEPTH = 32  # a real request nests 4 levels; thousands would exhaust the parser's stack
+MAX_LOGPROBS = 20  # top log-probabilities per token (vLLM's limit; OpenAI's is 5 for completions)
+MAX_PROMPTS = 64  # prompts in one completions request (one choice each)
+INT32_MAX, INT64_MIN, UINT64_MAX = (1 << 31) - 1, -(1 << 63), (1 << 64) - 1
 
 
 class APIError(Exception):
@@ -30,8 +39,51 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in a JSON text, without parsing it (brackets inside strings
+    do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def invalid_text(value, path: str = "") -> str | None:
+    """The path of the first string in a parsed JSON value that is not valid Unicode (a lone
+    UTF-16 surrogate, which JSON's \\u escapes can write), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return None
+        except UnicodeEncodeError:
+            return path or "body"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if found := (isinstance(key, str) and invalid_text(key, where)) or invalid_text(item, where):
+            return found
+    return None
+
+
 def parse_request(raw: bytes, model: type[BaseModel]) -> BaseModel:
     """A request model from a JSON body, or an APIError naming the first bad parameter."""
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise APIError(400, f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels; send a flat "
+                            f"request object", code="invalid_json")
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -39,6 +91,9 @@ def parse_request(raw: bytes, model: type[BaseModel]) -> BaseModel:
                        code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    if (param := invalid_text(data)) is not None:
+        raise APIError(400, f"{param}: the text is not valid Unicode (a lone UTF-16 surrogate); send UTF-8 text",
+                       param=param, code="invalid_value")
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -52,26 +107,29 @@ def parse_request(raw: bytes, model: type[BaseModel]) -> BaseModel:
 
 
 # -- requests ---------------------------------------------------------------------------------------
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _GenerationRequest(BaseModel):
     """The sampling fields completions and chat completions share."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+    top_k: int = Field(default=0, ge=0, le=INT32_MAX)
+    n: int = Field(default=1, ge=1, le=1, description="one choice per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=UINT64_MAX)
     user: str | None = None
 
     @field_validator("stop")
@@ -95,12 +153,29 @@ class _GenerationRequest(BaseModel):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[int] = Field(description="text, or token ids")
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="text or token ids; a list of them is a batch, answered with one choice each")
+    max_tokens: int | None = Field(default=16, ge=1, le=INT32_MAX)  # OpenAI's default for completions
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="top log-probabilities per token")
+    echo: bool = Field(default=False, description="the prompt's tokens come back before the completion's")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one, or each of a batch."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)) or not self.prompt:
+            return [self.prompt]
+        if len(self.prompt) > MAX_PROMPTS:
+            raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts in one request, got {len(self.prompt)}",
+                           param="prompt", code="invalid_value")
+        if self.stream and len(self.prompt) > 1:
+            raise APIError(400, "prompt: stream one prompt per request", param="prompt", code="invalid_value")
+        return list(self.prompt)
+
+    def sampling(self) -> dict:
+        return super().sampling() | {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
     role: Literal["system", "user", "assistant"]
     content: str
     name: str | None = None
@@ -108,10 +183,21 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)  # the newer name of max_tokens
+    logprobs: bool = Field(default=False, description="the log-probability of each token of the reply")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="and the N most likely")
+
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def dialog(self) -> list[dict]:
         return [{"role": m.role, "content": m.content} for m in self.messages]
+
+    def sampling(self) -> dict:
+        return super().sampling() | {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
 
 # -- responses ----------------------------------------------------------------------------------------
@@ -130,27 +216,54 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def completion_body(rid: str, model: str, text: str | None, finish_reason: str | None = None,
-                    usage: Usage | None = None) -> dict:
-    """A `text_completion` object; a streamed chunk has the same shape (text None: usage-only chunk)."""
-    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+def completion_choice(index: int, text: str, finish_reason: str | None, tokens: list[dict] | None) -> dict:
+    """One choice of a `text_completion`; `tokens` ({"token", "logprob", "top"} each, logprob None
+    for an echoed first prompt token) become OpenAI's legacy logprobs object."""
+    logprobs = None
+    if tokens is not None:
+        offsets = [0]
+        for t in tokens[:-1]:
+            offsets.append(offsets[-1] + len(t["token"]))
+        logprobs = {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+                    "top_logprobs": [None if t["top"] is None else {x["token"]: x["logprob"] for x in t["top"]}
+                                     for t in tokens],
+                    "text_offset": offsets}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_body(rid: str, model: str, choices: list[dict], usage: Usage | None = None) -> dict:
+    """A `text_completion` object; a streamed chunk has the same shape (no choices: usage-only chunk)."""
     body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
     if usage is not None:
         body["usage"] = usage.model_dump()
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish_reason: str | None, usage: Usage) -> dict:
+def chat_logprobs(tokens: list[dict] | None) -> dict | None:
+    """Chat's logprobs object: {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}."""
+    if tokens is None:
+        return None
+
+    def entry(t: dict) -> dict:
+        return {"token": t["token"], "logprob": t["logprob"], "bytes": list(t["token"].encode())}
+
+    return {"content": [entry(t) | {"top_logprobs": [entry(x) for x in t["top"]]} for t in tokens]}
+
+
+def chat_body(rid: str, model: str, text: str, finish_reason: str | None, usage: Usage,
+              tokens: list[dict] | None = None) -> dict:
     message = {"role": "assistant", "content": text}
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": chat_logprobs(tokens),
+                         "finish_reason": finish_reason}],
             "usage": usage.model_dump()}
 
 
 def chat_chunk(rid: str, model: str, delta: dict | None, finish_reason: str | None = None,
-               usage: Usage | None = None) -> dict:
+               usage: Usage | None = None, tokens: list[dict] | None = None) -> dict:
     """A `chat.completion.chunk`; delta None makes the final usage-only chunk (no choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": chat_logprobs(tokens),
+                                         "finish_reason": finish_reason}]
     body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": choices}
     if usage is not None:

@@ -10,7 +10,9 @@ Server-Sent Events. Replica counts, autoscaling, `max_ongoing_requests`, `max_qu
 `build_app` is the config's `import_path` (services.app:build_app); its `args` are `AppArgs`.
 """
 
+import asyncio
 import hmac
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -27,15 +29,17 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import corral
-from corral.engine import Engine, SamplingParams
-from corral.registry import resolve_model
+from corral.engine import Engine, EngineError, SamplingParams, TokenLogprob
+from corral.registry import pin_version, resolve_model
 from corral.tokenizer import ChatFormatError
 from services.api import (
-    APIError, ChatCompletionRequest, CompletionRequest, Usage, chat_body, chat_chunk, completion_body, new_id,
-    parse_request, sse,
+    APIError, ChatCompletionRequest, CompletionRequest, Usage, chat_body, chat_chunk, completion_body,
+    completion_choice, new_id, parse_request, sse,
 )
 
 RETRY_AFTER_S = 1  # what an overloaded deployment asks clients to wait
+HEALTH_TIMEOUT_S = 5  # a model replica that does not answer /health within this is reported unhealthy
+log = logging.getLogger("ray.serve")
 
 
 # -- configuration ------------------------------------------------------------------------------------
@@ -61,7 +65,9 @@ class AppArgs(BaseModel):
     base: ModelArgs | None = None
     chat: ModelArgs | None = None
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = CORRAL_API_KEYS or none")
-    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="larger request bodies get a 413")
+    request_timeout_s: float = Field(default=600, gt=0, description="a request still generating after this "
+                                     "gets a 408 (a stream ends with an error event)")
 
 
 MODEL_ENV = {"base": "CORRAL_BASE_MODEL", "chat": "CORRAL_CHAT_MODEL"}
@@ -79,11 +85,15 @@ def build_app(args: dict) -> serve.Application:
         if not source:
             raise ValueError(f"no checkpoint for the {role} model: set args.{role}.model in the Serve config "
                              f"or the {MODEL_ENV[role]} environment variable (a path or models:/NAME@ALIAS)")
-        bound_args = model_args.model_dump() | {"model": source, "chat": role == "chat"}
-        handles[role] = (ModelServer.options(name=role).bind(**bound_args), model_args.served_name)
+        pinned = pin_version(source)  # every replica of this deployment serves this one version
+        if pinned != source:
+            log.info("corral: %s model %s is %s", role, source, pinned)
+        bound_args = model_args.model_dump() | {"model": pinned, "chat": role == "chat"}
+        handles[role] = (ModelServer.options(name=role).bind(**bound_args), model_args.served_name, pinned)
     if not handles:
         raise ValueError("the Serve config's args name no model: give args.base and/or args.chat")
-    return OpenAIServer.bind(handles.get("base"), handles.get("chat"), config.api_keys, config.max_body_bytes)
+    return OpenAIServer.bind(handles.get("base"), handles.get("chat"), config.api_keys, config.max_body_bytes,
+                             config.request_timeout_s)
 
 
 # -- the model server ------------------------------------------------------------------------------------
@@ -99,7 +109,7 @@ class ModelServer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         path = resolve_model(model)
-        self.name, self.chat = served_name, chat
+        self.name, self.chat, self.source = served_name, chat, model
         self.tokenizer = corral.load_tokenizer(path)
         weights = corral.load_model(path, getattr(torch, dtype)).to(device)
         self.engine = Engine(weights, self.tokenizer, max_batch_size, batch_invariant=batch_invariant)
@@ -110,10 +120,20 @@ class ModelServer:
         """The engine's running/queued requests and cache slots, as the metrics report them."""
         return self.engine.stats()
 
+    def health(self) -> str | None:
+        """Why this replica cannot serve, or None (the ingress's /health asks)."""
+        return self.engine.health()
+
+    def check_health(self) -> None:
+        """Serve's periodic check: an engine that stopped fails it, and Serve replaces the replica."""
+        if (reason := self.engine.health()) is not None:
+            raise RuntimeError(f"model {self.name}: {reason}")
+
     async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """Yield {"error", "status"} for a bad request, else deltas {"text", "finish_reason", usage counts}."""
-        try:
-            prompt, params = self._prepare(request)
+        """Yield {"error", "status"} for a bad request or a failed one, else deltas {"text",
+        "finish_reason", usage counts, and "logprobs" / "echo" when asked}."""
+        try:  # tokenising a long prompt takes a while: not on the event loop every stream shares
+            prompt, params = await asyncio.to_thread(self._prepare, request)
         except APIError as e:
             yield {"status": e.status, **e.body()}
             return
@@ -125,13 +145,33 @@ class ModelServer:
                 now = time.perf_counter()
                 self.metrics.observe_tokens(len(out.token_ids), first=(now - start) if last == start else None,
                                             per_token=(now - last) / len(out.token_ids))
+                item = {"text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+                        "completion_tokens": out.completion_tokens}
+                if out.logprobs is not None:
+                    item["logprobs"] = [self._token(lp) for lp in out.logprobs]
+                if out.prompt_logprobs is not None:  # echo: the prompt's text and tokens come first
+                    text = request["prompt"] if isinstance(request.get("prompt"), str) else \
+                        self.tokenizer.decode(prompt)
+                    first = {"token": self._piece(prompt[0]), "logprob": None, "top": None}
+                    item["echo"] = {"text": text, "tokens": [first] + [self._token(lp) for lp in
+                                                                      out.prompt_logprobs[1:]]}
                 last, finished = now, out.finished
-                yield {"text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-                       "completion_tokens": out.completion_tokens}
+                yield item
+        except EngineError as e:
+            error = APIError(500, f"{e}; retry the request", type="server_error", code="engine_error")
+            yield {"status": error.status, **error.body()}
         finally:
             if not finished:
                 self.metrics.cancelled.inc()
             self.metrics.report(self.engine.stats())
+
+    def _piece(self, token_id: int) -> str:
+        """A token as text: SentencePiece's word-start mark is the space it stands for."""
+        return self.tokenizer.id_to_piece(token_id).replace("\u2581", " ")
+
+    def _token(self, lp: TokenLogprob) -> dict:
+        return {"token": self._piece(lp.token_id), "logprob": lp.logprob,
+                "top": [{"token": self._piece(t), "logprob": v} for t, v in lp.top]}
 
     def _prepare(self, request: dict):
         """Token ids and SamplingParams, or an APIError naming what is wrong."""
@@ -218,26 +258,67 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 # Helpers of the ingress come before its class: `serve.ingress` serializes the class when it is
 # decorated, and names defined below it would be missing in the replica.
-def _too_large(size: int, limit: int) -> APIError:
-    return APIError(413, f"the request body has {size} bytes, more than the limit of {limit}; send a shorter "
-                         f"prompt", code="request_too_large")
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than the limit of {limit} bytes; send a shorter prompt",
+                    code="request_too_large")
+
+
+def _timed_out(limit: float) -> APIError:
+    return APIError(408, f"the request was still generating after {limit:g} s (the server's request_timeout_s); "
+                         f"ask for fewer max_tokens", code="request_timeout")
 
 
 def _usage(item: dict) -> Usage:
     return Usage.of(item["prompt_tokens"], item["completion_tokens"])
 
 
-async def _collect(first: dict, stream) -> tuple[str, dict]:
-    """The whole text of a non-streaming request, and its last delta (finish reason and usage)."""
-    parts, last = [first["text"]], first
-    async for item in stream:
-        parts.append(item["text"])
-        last = item
-    return "".join(parts), last
+def _failed(item: dict) -> APIError | None:
+    """The error a model replica sent instead of a delta, or None."""
+    return APIError(item["status"], **item["error"]) if "error" in item else None
 
 
-def _sse_response(first: dict, stream, chunk, usage_chunk=None, opening: dict | None = None) -> StreamingResponse:
-    """Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`.
+class _Result:
+    """A whole non-streaming generation: its text, log-probabilities, echo and last delta."""
+
+    def __init__(self, first: dict):
+        self.parts, self.tokens, self.last = [first["text"]], first.get("logprobs"), first
+        self.echo = first.get("echo")
+
+    def add(self, item: dict) -> None:
+        if (error := _failed(item)) is not None:
+            raise error
+        self.parts.append(item["text"])
+        if self.tokens is not None:
+            self.tokens += item.get("logprobs", [])
+        self.last = item
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+async def _collect(first: dict, stream) -> _Result:
+    result = _Result(first)
+    try:
+        async for item in stream:
+            result.add(item)
+    finally:
+        stream.cancel()
+    return result
+
+
+def _completion_choice(index: int, item: dict, echo: dict | None = None) -> dict:
+    """A completions choice of one delta (or of a whole result's text and tokens), echo first."""
+    text, tokens = item["text"], item.get("logprobs")
+    if echo is not None:
+        text, tokens = echo["text"] + text, echo["tokens"] + (tokens or [])
+    return completion_choice(index, text, item["finish_reason"], tokens)
+
+
+def _sse_response(first: dict, stream, chunk, timeout_s: float, usage_chunk=None,
+                  opening: dict | None = None) -> StreamingResponse:
+    """Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`; a failure or a
+    timeout mid-stream sends OpenAI's error body as the last event before it.
 
     If the client disconnects, Serve cancels this generator; cancelling the handle's stream then
     cancels the replica's generation, which frees its cache slot.
@@ -248,14 +329,21 @@ def _sse_response(first: dict, stream, chunk, usage_chunk=None, opening: dict | 
             if opening is not None:
                 yield sse(opening)
             yield sse(chunk(first))
-            async for item in stream:
-                last = item
-                yield sse(chunk(item))
-            if usage_chunk is not None:
-                yield sse(usage_chunk(_usage(last)))
-            yield sse("[DONE]")
+            async with asyncio.timeout(timeout_s):
+                async for item in stream:
+                    if (error := _failed(item)) is not None:
+                        yield sse(error.body())
+                        break
+                    last = item
+                    yield sse(chunk(item))
+                else:
+                    if usage_chunk is not None:
+                        yield sse(usage_chunk(_usage(last)))
+        except TimeoutError:
+            yield sse(_timed_out(timeout_s).body())
         finally:
             stream.cancel()
+        yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -263,64 +351,91 @@ def _sse_response(first: dict, stream, chunk, usage_chunk=None, opening: dict | 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(api)
 class OpenAIServer:
-    """Routes OpenAI requests by `model` to the base or chat deployment; enforces API keys and body size."""
+    """Routes OpenAI requests by `model` to the base or chat deployment; enforces API keys, body
+    size and content type, and the request timeout."""
 
-    def __init__(self, base: tuple[DeploymentHandle, str] | None, chat: tuple[DeploymentHandle, str] | None,
-                 api_keys: list[str], max_body_bytes: int):
-        self.completion_models = dict([base[::-1]]) if base else {}
-        self.chat_models = dict([chat[::-1]]) if chat else {}
+    def __init__(self, base: tuple[DeploymentHandle, str, str] | None, chat: tuple[DeploymentHandle, str, str] | None,
+                 api_keys: list[str], max_body_bytes: int, request_timeout_s: float = 600):
+        self.completion_models = {base[1]: base[0]} if base else {}
+        self.chat_models = {chat[1]: chat[0]} if chat else {}
+        self.sources = {served[1]: served[2] for served in (base, chat) if served}  # what each name serves
         env_keys = [k.strip() for k in os.environ.get("CORRAL_API_KEYS", "").split(",") if k.strip()]
         self.api_keys = [k.encode() for k in (api_keys or env_keys)]
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes, self.timeout_s = max_body_bytes, request_timeout_s
         self.created = int(time.time())
 
     @api.get("/health")
-    async def health(self) -> dict:
+    async def health(self):
+        """200 {"status": "ok"} when every model replica answers that it can serve, else 503 naming why."""
+        problems = {}
+        for name, handle in [*self.completion_models.items(), *self.chat_models.items()]:
+            try:
+                reason = await asyncio.wait_for(handle.health.remote(), HEALTH_TIMEOUT_S)
+            except Exception as e:  # a replica that is gone or stuck is as unhealthy as one that says so
+                reason = f"no answer ({type(e).__name__})"
+            if reason is not None:
+                problems[name] = reason
+        if problems:
+            return JSONResponse({"status": "unhealthy", "models": problems}, status_code=503)
         return {"status": "ok"}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._authorize(request)
         names = [*self.completion_models, *self.chat_models]
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": self.created, "owned_by": "corral"}
-                                           for n in names]}
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": self.created, "owned_by": "corral",
+                                            "root": self.sources[n]} for n in names]}
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         req = await self._parse(request, CompletionRequest)
         handle = self._handle(req.model, self.completion_models, "/v1/completions")
-        first, stream = await self._start(handle, {"prompt": req.prompt, "max_tokens": req.max_tokens,
-                                                   "sampling": req.sampling()})
+        payloads = [{"prompt": p, "max_tokens": req.max_tokens, "sampling": req.sampling(), "echo": req.echo}
+                    for p in req.prompts()]
         rid = new_id("cmpl")
         if req.stream:
+            first, stream = await self._start(handle, payloads[0])
+            echo = first.get("echo")
+
             def chunk(item):
-                return completion_body(rid, req.model, item["text"], item["finish_reason"])
+                nonlocal echo
+                choice, echo = _completion_choice(0, item, echo), None  # the echo leads the first chunk only
+                return completion_body(rid, req.model, [choice])
 
             def usage_chunk(usage):
-                return completion_body(rid, req.model, None, usage=usage)
+                return completion_body(rid, req.model, [], usage=usage)
 
-            return _sse_response(first, stream, chunk, usage_chunk if req.include_usage else None)
-        text, last = await _collect(first, stream)
-        return completion_body(rid, req.model, text, last["finish_reason"], _usage(last))
+            return _sse_response(first, stream, chunk, self.timeout_s, usage_chunk if req.include_usage else None)
+        results = await self._generate(handle, payloads)
+        choices = [_completion_choice(i, {"text": r.text, "finish_reason": r.last["finish_reason"],
+                                          "logprobs": r.tokens}, r.echo) for i, r in enumerate(results)]
+        usage = Usage.of(sum(r.last["prompt_tokens"] for r in results), sum(r.last["completion_tokens"]
+                                                                            for r in results))
+        return completion_body(rid, req.model, choices, usage)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         req = await self._parse(request, ChatCompletionRequest)
         handle = self._handle(req.model, self.chat_models, "/v1/chat/completions")
-        first, stream = await self._start(handle, {"messages": req.dialog(), "sampling": req.sampling(),
-                                                   "max_tokens": req.max_completion_tokens or req.max_tokens})
+        payload = {"messages": req.dialog(), "sampling": req.sampling(),
+                   "max_tokens": req.max_completion_tokens or req.max_tokens}
         rid = new_id("chatcmpl")
         if req.stream:
+            first, stream = await self._start(handle, payload)
+
             def chunk(item):
-                return chat_chunk(rid, req.model, {"content": item["text"]}, item["finish_reason"])
+                return chat_chunk(rid, req.model, {"content": item["text"]}, item["finish_reason"],
+                                  tokens=item.get("logprobs"))
 
             def usage_chunk(usage):
                 return chat_chunk(rid, req.model, None, usage=usage)
 
             opening = chat_chunk(rid, req.model, {"role": "assistant", "content": ""})
-            return _sse_response(first, stream, chunk, usage_chunk if req.include_usage else None, opening)
-        text, last = await _collect(first, stream)
-        return chat_body(rid, req.model, text, last["finish_reason"], _usage(last))
+            return _sse_response(first, stream, chunk, self.timeout_s, usage_chunk if req.include_usage else None,
+                                 opening)
+        result, = await self._generate(handle, [payload])
+        return chat_body(rid, req.model, result.text, result.last["finish_reason"], _usage(result.last),
+                         result.tokens)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -335,14 +450,22 @@ class OpenAIServer:
                                 "api_keys", code="invalid_api_key")
 
     async def _parse(self, request: Request, schema):
+        """The request model of a JSON body read up to the size limit (chunked bodies too)."""
         self._authorize(request)
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise APIError(415, f"the request body must be JSON: send 'Content-Type: application/json', not "
+                                f"{content_type!r}", code="unsupported_media_type")
         declared = request.headers.get("content-length", "0")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise _too_large(int(declared), self.max_body_bytes)
-        raw = await request.body()
-        if len(raw) > self.max_body_bytes:
-            raise _too_large(len(raw), self.max_body_bytes)
-        return parse_request(raw, schema)
+            raise _too_large(self.max_body_bytes)
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > self.max_body_bytes:
+                raise _too_large(self.max_body_bytes)
+            parts.append(part)
+        return parse_request(b"".join(parts), schema)
 
     def _handle(self, model: str, served: dict[str, DeploymentHandle], endpoint: str) -> DeploymentHandle:
         if model not in served:
@@ -355,12 +478,33 @@ class OpenAIServer:
         """Send the request to a model replica and wait for its first delta (or its error)."""
         stream = handle.options(stream=True).generate.remote(payload)
         try:
-            first = await stream.__anext__()
+            first = await asyncio.wait_for(stream.__anext__(), self.timeout_s)
         except BackPressureError:
             raise APIError(503, f"the model is overloaded: its request queue is full; retry after "
                                 f"{RETRY_AFTER_S} s", type="server_error", code="overloaded",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        if "error" in first:
+        except TimeoutError:
             stream.cancel()
-            raise APIError(first["status"], **first["error"])
+            raise _timed_out(self.timeout_s) from None
+        except BaseException:  # cancelled (the client left, or another prompt of the request failed)
+            stream.cancel()
+            raise
+        if (error := _failed(first)) is not None:
+            stream.cancel()
+            raise error
         return first, stream
+
+    async def _generate(self, handle: DeploymentHandle, payloads: list[dict]) -> list[_Result]:
+        """Whole generations of every payload, side by side, within the request timeout."""
+        async def one(payload: dict) -> _Result:
+            return await _collect(*await self._start(handle, payload))
+
+        tasks = [asyncio.ensure_future(one(p)) for p in payloads]
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await asyncio.gather(*tasks)
+        except TimeoutError:
+            raise _timed_out(self.timeout_s) from None
+        finally:
+            for task in tasks:  # one failed or the client left: stop the others' generation too
+                task.cancel()

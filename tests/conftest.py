@@ -116,7 +116,7 @@ def stop_process(proc, grace: float = 30) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(mlflow_server):
+def ray_cluster(mlflow_server, tmp_path_factory):
     """One local Ray cluster for the whole session; its workers see the MLflow server.
 
     8 logical CPUs on 2 cores: training workers, data actors and Serve replicas mostly wait on
@@ -130,7 +130,10 @@ def ray_cluster(mlflow_server):
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded 2-core machine starts slowly
     os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
     os.environ.update(WORKER_PRIORITY)  # as `corral up`: training workers at the driver's priority
+    # replicas download registered models into this session's own cache, not ~/.cache
+    os.environ["CORRAL_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
     ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}})
+             runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server,
+                                       "CORRAL_MODEL_CACHE": os.environ["CORRAL_MODEL_CACHE"]}})
     yield ray
     ray.shutdown()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import threading
 from collections import defaultdict, deque
@@ -35,8 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from corral.model import CacheView, KVCache, Layout, Transformer
 from corral.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20  # vLLM's limit for top log-probabilities per token
+MAX_STEP_FAILURES = 3  # failed forwards in a row after which the engine stops: something is broken for good
 MIN_DECODE_ROWS = 16  # measured: x86 BLAS gives a row the same bits for any batch of >= 16 rows
 LAST = Layout(logits_at="last")  # sampling reads only each row's last logits
+ALL = Layout()  # a prefill whose prompt log-probabilities were asked for (echo)
 
 
 class SamplingParams(BaseModel):
@@ -47,11 +53,26 @@ class SamplingParams(BaseModel):
     max_tokens: int = Field(default=16, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
+    top_k: int = Field(default=0, ge=0, lt=1 << 31)
     stop: list[str] = Field(default_factory=list, description="stop strings; the text ends before the first match")
     stop_token_ids: list[int] | None = Field(default=None, description="None = the tokenizer's EOS")
     ignore_eos: bool = Field(default=False, description="keep generating past EOS (benchmarks)")
-    seed: int | None = Field(default=None, description="same seed, prompt and params -> same tokens")
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64,
+                             description="same seed, prompt and params -> same tokens")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                 description="log-probability of each sampled token and of its N most likely")
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                        description="the same for every prompt token after the first (echo)")
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (raw logits, before temperature or filters), and
+    the `top` most likely tokens at its position as (token id, log-probability), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -63,7 +84,10 @@ class Output:
     text: str
     prompt_tokens: int
     completion_tokens: int  # so far, EOS included
-    finish_reason: str | None = None  # "stop" | "length" once finished
+    finish_reason: str | None = None  # "stop" | "length" | "error" once finished
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only: one per prompt token
+    error: str | None = None  # why the engine failed this request (finish_reason "error")
 
     @property
     def finished(self) -> bool:
@@ -82,6 +106,7 @@ class _Request:
     slot: int | None = None
     emitted_text: str = ""
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # computed at prefill, sent with the first output
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
@@ -140,11 +165,15 @@ class Engine:
         self._step_lock = threading.Lock()  # one step at a time: background loop or generate()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._failures = 0  # failed forwards in a row
+        self.fatal: str | None = None  # why the engine stopped for good
         self.cancelled_total = 0
 
     # -- submitting and cancelling -------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_output: Callable[[Output], None]) -> int:
         """Queue a request; `on_output` is called from the engine's thread with every delta."""
+        if self.fatal is not None:
+            raise EngineError(f"the engine stopped: {self.fatal}")
         prompt = list(prompt)
         self.check_fits(len(prompt), params.max_tokens)
         vocab = self.model.config.vocab_size
@@ -205,25 +234,79 @@ class Engine:
     # -- the step --------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit and prefill what fits, then decode one token for every running request."""
+        """Admit and prefill what fits, then decode one token for every running request.
+
+        A forward that raises fails only the requests it concerns: a prefill its own request; a
+        batched decode is retried row by row, and only the rows that fail alone are failed. After
+        `MAX_STEP_FAILURES` failed forwards in a row the engine stops (`health()` says why).
+        """
         with self._step_lock:
             for request in self._admit():
-                slot = torch.tensor([request.slot], device=self.device)
-                tokens = torch.tensor([request.prompt], device=self.device)  # (1, prompt_len)
-                logits = self.model(tokens, LAST, CacheView(self.cache, slot, torch.zeros_like(slot)))
-                self._sample_and_advance([request], logits[:, -1])
+                self._guarded([request], self._prefill)
             with self._lock:
                 batch = list(self._running.values())
-            if not batch:
-                return
-            pad = max(0, MIN_DECODE_ROWS - len(batch)) if self.batch_invariant else 0
-            tokens = torch.tensor([[r.tokens[-1]] for r in batch] + [[0]] * pad, device=self.device)  # (bsz, 1)
-            slots = torch.tensor([r.slot for r in batch] + [self._scratch_slot] * pad, device=self.device)
-            positions = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in batch] + [0] * pad,
-                                     device=self.device)
-            view = CacheView(self.cache, slots, positions, exact_rows=len(batch) if self.batch_invariant else None)
-            logits = self.model(tokens, LAST, view)
-            self._sample_and_advance(batch, logits[: len(batch), -1])
+            if batch and not self._guarded(batch, self._decode, fail=False):
+                for request in batch:  # find the rows that fail on their own
+                    if request.finish_reason is None:
+                        self._guarded([request], self._decode)
+
+    def _prefill(self, batch: list[_Request]) -> None:
+        request, = batch
+        slot = torch.tensor([request.slot], device=self.device)
+        tokens = torch.tensor([request.prompt], device=self.device)  # (1, prompt_len)
+        want = request.params.prompt_logprobs
+        logits = self.model(tokens, LAST if want is None else ALL, CacheView(self.cache, slot, torch.zeros_like(slot)))
+        if want is not None:  # token t's log-probability comes from the logits at t - 1
+            request.prompt_logprobs = [None] + token_logprobs(logits[0, :-1], tokens[0, 1:], want)
+        self._sample_and_advance([request], logits[:, -1])
+
+    def _decode(self, batch: list[_Request]) -> None:
+        pad = max(0, MIN_DECODE_ROWS - len(batch)) if self.batch_invariant else 0
+        tokens = torch.tensor([[r.tokens[-1]] for r in batch] + [[0]] * pad, device=self.device)  # (bsz, 1)
+        slots = torch.tensor([r.slot for r in batch] + [self._scratch_slot] * pad, device=self.device)
+        positions = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in batch] + [0] * pad,
+                                 device=self.device)
+        view = CacheView(self.cache, slots, positions, exact_rows=len(batch) if self.batch_invariant else None)
+        logits = self.model(tokens, LAST, view)
+        self._sample_and_advance(batch, logits[: len(batch), -1])
+
+    def _guarded(self, batch: list[_Request], forward: Callable[[list[_Request]], None], fail: bool = True) -> bool:
+        """Run one forward over `batch`; on an exception fail its requests (when `fail`) and count it."""
+        try:
+            forward(batch)
+        except Exception as e:  # an out-of-memory, a bad weight, a bug: this forward's requests only
+            self._failures += 1
+            error = f"the engine failed this request: {type(e).__name__}: {e}"
+            log.exception("engine forward failed (%d in a row)", self._failures)
+            if self._failures >= MAX_STEP_FAILURES:
+                self._stop(f"{self._failures} forwards in a row failed; the last: {type(e).__name__}: {e}")
+            elif fail:
+                self._fail(batch, error)
+            return False
+        self._failures = 0
+        return True
+
+    def _fail(self, requests: list[_Request], error: str) -> None:
+        """End requests with finish_reason "error", freeing their slots."""
+        for request in requests:
+            if request.finish_reason is None:
+                self._release(request, "error")
+                request.on_output(Output(request.id, [], "", len(request.prompt), len(request.tokens), "error",
+                                         error=error))
+
+    def _stop(self, reason: str) -> None:
+        """The engine cannot go on: fail every request, refuse new ones, report it in `health()`."""
+        self.fatal = reason
+        with self._lock:
+            requests = [*self._running.values(), *self._waiting]
+            self._waiting.clear()
+        self._fail(requests, f"the engine stopped: {reason}")
+
+    def health(self) -> str | None:
+        """Why this engine cannot serve (it stopped, or its background loop died), or None."""
+        if self.fatal is None and self._thread is not None and not self._thread.is_alive() and not self._closed:
+            return "the engine's background loop is not running"
+        return self.fatal
 
     def _admit(self) -> list[_Request]:
         """Move waiting requests into free slots, FIFO, within the step's prefill budget."""
@@ -248,12 +331,19 @@ class Engine:
             logits, as_tensor([p.temperature for p in params], torch.float32),
             as_tensor([p.top_p for p in params], torch.float32), as_tensor([p.top_k for p in params], torch.long),
             uniform,
-        ).tolist()  # host-device sync: one per step
-        for request, token in zip(batch, next_tokens):
+        )
+        logprobs: list[TokenLogprob | None] = [None] * len(batch)
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if asked:  # top-N differs per row: one call per distinct N
+            for n in {params[i].logprobs for i in asked}:
+                rows = [i for i in asked if params[i].logprobs == n]
+                for i, lp in zip(rows, token_logprobs(logits[rows], next_tokens[rows], n)):
+                    logprobs[i] = lp
+        for request, token, lp in zip(batch, next_tokens.tolist(), logprobs):  # host-device sync: one per step
             if request.finish_reason is None:  # not cancelled while the forward ran
-                self._advance(request, token)
+                self._advance(request, token, lp)
 
-    def _advance(self, request: _Request, token: int) -> None:
+    def _advance(self, request: _Request, token: int, logprob: TokenLogprob | None = None) -> None:
         request.tokens.append(token)
         text, finish = self._text_so_far(request)
         if finish is None and (len(request.tokens) >= request.params.max_tokens
@@ -265,7 +355,9 @@ class Engine:
             text = _hold_back(text, request.params.stop)
         delta = text[len(request.emitted_text):] if text.startswith(request.emitted_text) else ""
         request.emitted_text += delta
-        request.on_output(Output(request.id, [token], delta, len(request.prompt), len(request.tokens), finish))
+        prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None  # sent once, with the first
+        request.on_output(Output(request.id, [token], delta, len(request.prompt), len(request.tokens), finish,
+                                 logprobs=None if logprob is None else [logprob], prompt_logprobs=prompt_logprobs))
 
     def _text_so_far(self, request: _Request) -> tuple[str, str | None]:
         """The completion's text and "stop" when a stop token or stop string ended it."""
@@ -313,17 +405,27 @@ class Engine:
         def seeded(i: int) -> SamplingParams:
             return params if params.seed is None else params.model_copy(update={"seed": params.seed + i})
 
-        ids = [self.submit(prompt, seeded(i), collect) for i, prompt in enumerate(prompts)]
+        errors: list[str] = []
+
+        def collect_or_fail(out: Output) -> None:
+            if out.error is not None:
+                errors.append(out.error)
+            collect(out)
+
+        ids = [self.submit(prompt, seeded(i), collect_or_fail) for i, prompt in enumerate(prompts)]
         while ids and not done.is_set():
             if self._thread is None:
                 self.step()
             else:
                 done.wait(timeout=0.1)
+        if errors:
+            raise EngineError(f"{len(errors)} of {len(prompts)} requests failed; the first: {errors[0]}")
         return [tokens[i] for i in ids]
 
     # -- asynchronous streaming API (serving) ------------------------------------------------------
     async def stream(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[Output]:
-        """Yield one request's deltas as the background loop produces them.
+        """Yield one request's deltas as the background loop produces them; raise EngineError if
+        the engine failed the request.
 
         Deltas that pile up while the consumer is busy are merged into one. Leaving the loop early
         (a client that disconnects cancels the task) frees the request's cache slot at once.
@@ -336,9 +438,9 @@ class Engine:
             while True:
                 out = await queue.get()
                 while not out.finished and not queue.empty():
-                    nxt = queue.get_nowait()
-                    out = Output(out.request_id, out.token_ids + nxt.token_ids, out.text + nxt.text,
-                                 nxt.prompt_tokens, nxt.completion_tokens, nxt.finish_reason)
+                    out = _merge(out, queue.get_nowait())
+                if out.error is not None:
+                    raise EngineError(out.error)
                 yield out
                 if out.finished:
                     return
@@ -360,13 +462,38 @@ class Engine:
             self._thread.join(timeout=10)
 
     def _loop(self) -> None:
-        while True:
+        while self.fatal is None:
             with self._work:
                 while not (self._waiting or self._running or self._closed):
                     self._work.wait()
                 if self._closed:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # outside any one forward: the engine's own state is suspect
+                log.exception("engine step failed")
+                self._stop(f"a step failed outside the model: {type(e).__name__}: {e}")
+
+
+class EngineError(RuntimeError):
+    """The engine failed a request (its forward raised) or has stopped."""
+
+
+def _merge(a: Output, b: Output) -> Output:
+    """Two consecutive deltas of one request as one."""
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return Output(a.request_id, a.token_ids + b.token_ids, a.text + b.text, b.prompt_tokens, b.completion_tokens,
+                  b.finish_reason, logprobs, a.prompt_logprobs or b.prompt_logprobs, b.error)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int) -> list[TokenLogprob]:
+    """The log-probability of `tokens` (n,) under `logits` (n, vocab), raw (no temperature), with
+    each position's `top_n` most likely tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (n, vocab)
+    chosen = logp.gather(1, tokens[:, None].long())[:, 0].tolist()
+    top_lp, top_ids = logp.topk(top_n, dim=-1) if top_n else (logp[:, :0], logp[:, :0].long())
+    return [TokenLogprob(int(t), c, list(zip(ids, lps)))
+            for t, c, ids, lps in zip(tokens.tolist(), chosen, top_ids.tolist(), top_lp.tolist())]
 
 
 def _hold_back(text: str, stops: list[str]) -> str:

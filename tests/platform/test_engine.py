@@ -170,3 +170,81 @@ def test_prompt_that_does_not_fit_is_rejected(model):
         engine.submit([TINY.vocab_size], SamplingParams(), print)
     # (k, v) x layers x (1 slot + 1 scratch) x seq x kv_heads x head_dim x fp32
     assert math.isclose(engine.cache.nbytes(), 2 * 4 * 2 * 256 * 2 * 32 * 4)
+
+
+# -- log-probabilities ----------------------------------------------------------------------------------
+def test_logprobs_are_the_models_own_log_softmax(model):
+    """Sampled tokens' and prompt tokens' log-probabilities, and the top-N, against a full forward."""
+    prompt = prompts(1, seed=7)[0][:20]
+    engine = Engine(model, max_batch_size=4)
+    outputs = []
+    engine.submit(prompt, SamplingParams(max_tokens=6, temperature=0.8, seed=3, logprobs=3, prompt_logprobs=2),
+                  outputs.append)
+    while not (outputs and outputs[-1].finished):
+        engine.step()
+    generated = [t for o in outputs for t in o.token_ids]
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([prompt + generated]))[0].float(), dim=-1)  # (L, vocab)
+    sequence = prompt + generated
+    prompt_lps = outputs[0].prompt_logprobs
+    assert prompt_lps[0] is None and len(prompt_lps) == len(prompt)
+    sampled = [lp for o in outputs for lp in o.logprobs]
+    assert [lp.token_id for lp in sampled] == generated
+    for t, lp in enumerate(prompt_lps[1:] + sampled, start=1):  # token t is predicted at position t - 1
+        assert lp.token_id == sequence[t]
+        assert lp.logprob == pytest.approx(reference[t - 1, sequence[t]].item(), abs=1e-5)
+        top = reference[t - 1].topk(len(lp.top))
+        assert [i for i, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-5)
+    assert {len(lp.top) for lp in sampled} == {3} and {len(lp.top) for lp in prompt_lps[1:]} == {2}
+
+
+# -- faults -----------------------------------------------------------------------------------------------
+class Poisoned(torch.nn.Module):
+    """The model, except that a forward over a poisoned token id raises (as an out-of-memory would)."""
+
+    def __init__(self, model, poison: int):
+        super().__init__()
+        self.model, self.poison, self.config = model, poison, model.config
+        self.broken = False  # when True every forward raises: an engine that cannot continue
+
+    def forward(self, tokens, layout=None, cache=None):
+        if self.broken or bool((tokens == self.poison).any()):
+            raise RuntimeError("forward failed")
+        return self.model(tokens, layout, cache)
+
+
+def test_a_failing_forward_fails_only_its_requests(model):
+    poison = 4000
+    engine = Engine(Poisoned(model, poison), max_batch_size=8)
+    good = prompts(3, seed=11)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    alone = Engine(model, max_batch_size=8).generate(good, params)
+
+    async def run():
+        async def one(prompt):
+            try:
+                return [t async for out in engine.stream(prompt, params) for t in out.token_ids]
+            except Exception as e:
+                return e
+        return await asyncio.gather(*(one(p) for p in [good[0], [5, 6, poison], good[1], good[2]]))
+
+    results = asyncio.run(run())
+    assert isinstance(results[1], RuntimeError) and "forward failed" in str(results[1])
+    assert [results[0], results[2], results[3]] == alone  # the others are untouched
+    assert engine.health() is None
+    assert engine.generate([good[0]], params) == [alone[0]]  # and the engine serves on
+    engine.close()
+
+
+def test_an_engine_that_cannot_continue_stops_and_says_why(model):
+    from corral.engine import EngineError
+
+    broken = Poisoned(model, poison=-1)
+    engine = Engine(broken, max_batch_size=4)
+    broken.broken = True
+    with pytest.raises(EngineError):
+        engine.generate(prompts(4, seed=2), SamplingParams(max_tokens=4))
+    assert "forwards in a row failed" in engine.health()
+    with pytest.raises(EngineError, match="the engine stopped"):
+        engine.submit([5, 6], SamplingParams(), lambda out: None)

@@ -40,10 +40,10 @@ def test_model_path_comes_from_the_environment_when_args_omit_it(monkeypatch, tm
     with pytest.raises(ValueError, match="CORRAL_BASE_MODEL"):
         build_app(args)
     monkeypatch.setenv("CORRAL_BASE_MODEL", str(tmp_path / "base"))
-    monkeypatch.setenv("CORRAL_CHAT_MODEL", "models:/corral-chat@champion")
+    monkeypatch.setenv("CORRAL_CHAT_MODEL", "models:/corral-chat/3")  # an alias is pinned against the registry
     ingress = build_app(args)._bound_deployment  # Serve's bound graph: (base, chat) are the ingress's args
-    (base, base_name), (chat, chat_name) = ingress.init_args[:2]
+    (base, base_name, base_source), (chat, chat_name, chat_source) = ingress.init_args[:2]
     assert (base_name, chat_name) == ("corral-base", "corral-chat")
-    assert base._bound_deployment.init_kwargs["model"] == str(tmp_path / "base")
-    assert chat._bound_deployment.init_kwargs["model"] == "models:/corral-chat@champion"
+    assert base._bound_deployment.init_kwargs["model"] == base_source == str(tmp_path / "base")
+    assert chat._bound_deployment.init_kwargs["model"] == chat_source == "models:/corral-chat/3"
     assert chat._bound_deployment.init_kwargs["chat"] and not base._bound_deployment.init_kwargs["chat"]
