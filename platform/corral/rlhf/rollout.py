@@ -7,7 +7,6 @@ refusal rates are reported for the records that do, whatever their source."""
 
 from __future__ import annotations
 
-import random
 import sys
 from dataclasses import dataclass
 
