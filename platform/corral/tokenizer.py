@@ -159,14 +159,16 @@ def train_tokenizer(files: Iterable[str | os.PathLike] = (), vocab_size: int = 3
         for f in files:
             if not Path(f).is_file():
                 raise FileNotFoundError(f"tokenizer input {f} does not exist or is not a file")
-        texts = (Path(f).read_text(encoding="utf-8", errors="replace") for f in files)
+        source = {"input": files}  # SentencePiece reads local files itself
+    else:
+        source = {"sentence_iterator": (line for text in texts for line in text.splitlines() if line)}
     if vocab_size < 300:
         raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 259 pieces")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=(line for text in texts for line in text.splitlines() if line),
+            **source,
             model_prefix=f"{tmp}/tokenizer",
             model_type="bpe",
             vocab_size=vocab_size,

@@ -27,6 +27,15 @@ def versions_in_cache(name: str) -> dict[str, Path]:
     return found
 
 
+def chat_replicas() -> list[dict]:
+    """The live replicas of the `corral` app's chat deployment, from the GCS actor table (the
+    dashboard's state API lags on a loaded machine)."""
+    from ray._private.state import actors
+
+    return [a for a in actors().values()
+            if a["ActorClassName"].startswith("ServeReplica:corral:chat") and a["State"] == "ALIVE"]
+
+
 def register(client, name: str, checkpoint: Path, with_hf: bool) -> str:
     experiment = client.create_experiment(f"versions-{time.time_ns()}")
     run = client.create_run(experiment)
@@ -41,7 +50,6 @@ def register(client, name: str, checkpoint: Path, with_hf: bool) -> str:
 def test_a_running_app_keeps_its_version_and_a_restarted_replica_fetches_nothing(serve_app, checkpoints, ray_cluster):
     import mlflow
     import ray
-    from ray.util.state import list_actors
 
     client = mlflow.MlflowClient()
     pinned = served_sources(serve_app.url)["corral-chat"]
@@ -54,9 +62,8 @@ def test_a_running_app_keeps_its_version_and_a_restarted_replica_fetches_nothing
     newer = register(client, "corral-chat", checkpoints.base, with_hf=True)
     client.set_registered_model_alias("corral-chat", "champion", newer)
     try:
-        replica = next(a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                       if a.class_name.startswith("ServeReplica:corral:chat"))
-        ray.kill(ray.get_actor(replica.name, namespace="serve"), no_restart=True)
+        replica, = chat_replicas()
+        ray.kill(ray.get_actor(replica["Name"], namespace="serve"), no_restart=True)
         deadline = time.time() + 180
         while True:  # Serve starts a new replica
             ok = httpx.post(f"{serve_app.v1}/chat/completions", timeout=60, json={
@@ -65,9 +72,8 @@ def test_a_running_app_keeps_its_version_and_a_restarted_replica_fetches_nothing
                 break
             assert time.time() < deadline, ok.text
             time.sleep(1)
-        alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                 if a.class_name.startswith("ServeReplica:corral:chat")]
-        assert alive and all(a.actor_id != replica.actor_id for a in alive)
+        alive = chat_replicas()
+        assert alive and all(a["ActorID"] != replica["ActorID"] for a in alive)
         assert served_sources(serve_app.url)["corral-chat"] == pinned  # champion moved; the app did not
         cached = versions_in_cache("corral-chat")
         assert set(cached) == {version} and cached[version].stat().st_ino == inode  # nothing fetched again
