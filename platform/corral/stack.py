@@ -53,6 +53,9 @@ class Stack:
             "RAY_DASHBOARD_ADDRESS": self.dashboard_url,  # `serve deploy`, `serve status`
             "RAY_AUTH_MODE": "token",
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            # a driver (`serve start`, ray.init) must also see itself at 127.0.0.1, the head's node
+            # address (LOOPBACK_ONLY), or it waits forever for a node at the host's network address
+            **LOOPBACK_ONLY,
         }
 
 
