@@ -112,6 +112,9 @@ class DeepSpeedConfig(BaseModel):
     offload_params: bool = False  # parameters in host memory (stage 3 only)
     grad_accum_steps: int = Field(default=1, ge=1)
     grad_clip: float = Field(default=1.0, ge=0, description="max global grad norm; 0 disables (Llama 2: 1.0)")
+    activation_checkpointing: bool = Field(
+        default=False, description="recompute each transformer block in backward: activations per layer "
+        "shrink to the block's input, for about a third more compute")
 
     @model_validator(mode="after")
     def _check_offload(self) -> "DeepSpeedConfig":
