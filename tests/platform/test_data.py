@@ -10,8 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from corral.data.pretraining import (IN_MEMORY_BYTES, CorpusError, in_validation, list_corpus, load_packed,
-                                     read_manifest)
+from corral.data.pretraining import CorpusError, in_validation, list_corpus, read_manifest
 
 SEQ_LEN = 64
 
@@ -39,15 +38,10 @@ def mixed_corpus(tmp_path_factory, corpus):
     return d, docs
 
 
-def read_in_order(data_dir, split, in_memory_bytes=IN_MEMORY_BYTES) -> np.ndarray:
-    """Every block of a split in dataset order, as training reads it: held in memory (the default
-    for small splits), or streamed from the shard files with `in_memory_bytes=0`."""
-    from ray.data.dataset import MaterializedDataset
-
-    ds = load_packed(data_dir, split, in_memory_bytes)
-    assert isinstance(ds, MaterializedDataset) == (in_memory_bytes > 0)
-    ds.context.execution_options.preserve_order = True  # as fit() asks of Ray Train
-    return np.concatenate([b["tokens"] for b in ds.iter_batches(batch_size=None)])
+def all_blocks(data_dir, split) -> np.ndarray:
+    """Every block of a split, shard after shard in the manifest's order, read straight from the files."""
+    shards = read_manifest(data_dir)["splits"][split]["shards"]
+    return np.concatenate([np.load(data_dir / s["path"]) for s in shards])
 
 
 def test_prepare_packs_every_token_and_counts_every_skip(ray_cluster, tokenizer, mixed_corpus, tmp_path, capfd):
@@ -75,14 +69,13 @@ def test_prepare_packs_every_token_and_counts_every_skip(ray_cluster, tokenizer,
     val_tokens = sum(len(e) for t, e in zip(docs, encoded) if in_validation(t, 0.3))
     assert 0 < splits["validation"]["tokens"] <= val_tokens  # the hash put some documents there
 
-    blocks = read_in_order(out["data"], "train")
-    assert blocks.shape == (splits["train"]["blocks"], SEQ_LEN + 1) and blocks.dtype == np.int32
+    assert manifest["dtype"] == "uint16" and len(splits["train"]["shards"]) >= 1
+    blocks = all_blocks(tmp_path / "data", "train")
+    assert blocks.shape == (splits["train"]["blocks"], SEQ_LEN + 1) and blocks.dtype == np.uint16
     assert blocks.min() >= 0 and blocks.max() < tokenizer.vocab_size
     flat = blocks.ravel()
     assert (flat == tokenizer.eos_id).sum() >= 1 and (flat == tokenizer.bos_id).sum() >= 1  # no padding id at all
     assert (tmp_path / "data" / "tokenizer.model").read_bytes() == tokenizer.path.read_bytes()
-    # a split too large to hold in memory streams from the files: the same blocks
-    assert np.array_equal(read_in_order(out["data"], "train", in_memory_bytes=0), blocks)
 
 
 def test_split_is_a_stable_hash_of_the_text():
@@ -93,18 +86,19 @@ def test_split_is_a_stable_hash_of_the_text():
     assert not any(in_validation(t, 0.0) for t in texts)
 
 
-def test_numpy_output_reads_back_the_same(ray_cluster, tokenizer, corpus, tmp_path):
+def test_one_document_packs_into_blocks_in_order(ray_cluster, tokenizer, corpus, tmp_path):
     from pipelines.steps import prepare_data
 
     play = sorted(corpus.glob("*_gut.txt"))[0]
-    out = prepare_data.run({"inputs": [str(play)], "seq_len": SEQ_LEN, "val_fraction": 0.0, "output_format": "numpy",
+    out = prepare_data.run({"inputs": [str(play)], "seq_len": SEQ_LEN, "val_fraction": 0.0, "shard_blocks": 100,
                             "tokenizer": str(tokenizer.path), "output_dir": str(tmp_path / "np")}, {})
     manifest = read_manifest(out["data"])
     expected = len(tokenizer.encode(play.read_bytes().decode("utf-8"), bos=True, eos=True)) // (SEQ_LEN + 1)
-    assert manifest["splits"]["train"]["blocks"] == expected
-    held = read_in_order(out["data"], "train")
-    assert held.shape == (expected, SEQ_LEN + 1) and held.dtype == np.int32
-    assert np.array_equal(read_in_order(out["data"], "train", in_memory_bytes=0), held)  # streamed from the files
+    assert manifest["splits"]["train"]["blocks"] == expected and manifest["splits"]["validation"]["blocks"] == 0
+    held = all_blocks(tmp_path / "np", "train")
+    assert held.shape == (expected, SEQ_LEN + 1)
+    ids = tokenizer.encode(play.read_bytes().decode("utf-8"), bos=True, eos=True)
+    assert np.array_equal(held.ravel(), ids[:expected * (SEQ_LEN + 1)])  # one document: its tokens in order
 
 
 def test_missing_or_empty_corpus_is_a_clear_error_before_ray_work(tmp_path):
@@ -119,3 +113,82 @@ def test_missing_or_empty_corpus_is_a_clear_error_before_ray_work(tmp_path):
     with pytest.raises(CorpusError, match=str(tmp_path / "empty")):
         prepare_data.run({"inputs": [str(tmp_path / "empty")], "tokenizer": "unused", "output_dir": str(tmp_path / "o")},
                          {})
+
+
+def generated_corpus(root, words: list[str], n_words: int, seed: int, words_per_file: int = 200_000):
+    """Plain-text files of random sentences over `words`: as many tokens as asked, none repeated."""
+    rng = np.random.default_rng(seed)
+    vocab = np.array(words, dtype=object)
+    root.mkdir()
+    for i, start in enumerate(range(0, n_words, words_per_file)):
+        picks = vocab[rng.integers(0, len(vocab), size=min(words_per_file, n_words - start))]
+        lines = [" ".join(picks[j:j + 12]) + "." for j in range(0, len(picks), 12)]
+        (root / f"part-{i:05d}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+class PeakMemory:
+    """The driver's resident memory and the Ray object store's use (plus spilled bytes), sampled
+    every 0.2 s in a thread while the block runs; peaks are above what was in use when it began."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)  # this session's cluster, not another's
+        process = psutil.Process()
+
+        def sample() -> tuple[int, int]:
+            stats = get_memory_info_reply(state).store_stats
+            return process.memory_info().rss, stats.object_store_bytes_used + stats.spilled_bytes_total
+
+        self.base = sample()
+        self.peak = self.base
+        self.stop = threading.Event()
+
+        def watch():
+            while not self.stop.wait(0.2):
+                self.peak = tuple(map(max, self.peak, sample()))
+
+        self.thread = threading.Thread(target=watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.driver, self.object_store = (p - b for p, b in zip(self.peak, self.base))
+
+
+@pytest.mark.slow
+def test_preparation_memory_does_not_grow_with_the_corpus(ray_cluster, tokenizer, corpus, tmp_path):
+    """~10M and ~50M tokens: the same driver and object-store peaks (within 1.5x), 5x the tokens."""
+    import re
+
+    from pipelines.steps import prepare_data
+
+    play = sorted(corpus.glob("*_gut.txt"))[0].read_text(encoding="utf-8")
+    words = sorted(set(re.findall(r"[A-Za-z]+", play)))
+    results = {}
+    for name, n_words in (("small", 6_000_000), ("large", 30_000_000)):
+        src = generated_corpus(tmp_path / name, words, n_words, seed=len(name))
+        with PeakMemory() as peak:
+            out = prepare_data.run({"inputs": [str(src)], "seq_len": 255, "val_fraction": 0.01, "shard_blocks": 8192,
+                                    "docs_per_batch": 4, "tokenizer": str(tokenizer.path),
+                                    "output_dir": str(tmp_path / f"{name}-data")}, {})
+        manifest = read_manifest(out["data"])
+        tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["validation"]["tokens"]
+        results[name] = {"tokens": tokens, "driver_mib": peak.driver / 2**20, "object_store_mib": peak.object_store / 2**20}
+        shutil.rmtree(src)
+        shutil.rmtree(out["data"])
+    small, large = results["small"], results["large"]
+    print(f"\npeak memory while preparing: {results}; large/small: tokens {large['tokens'] / small['tokens']:.2f}, "
+          f"driver {large['driver_mib'] / max(small['driver_mib'], 1):.2f}, "
+          f"object store {large['object_store_mib'] / max(small['object_store_mib'], 1):.2f}")
+    assert 8e6 < small["tokens"] < 12e6 and large["tokens"] > 4.5 * small["tokens"], results
+    # 16 MiB of slack on the driver: its heap moves by a few MiB whatever the corpus
+    assert large["driver_mib"] <= 1.5 * small["driver_mib"] + 16, results
+    assert large["object_store_mib"] <= 1.5 * small["object_store_mib"], results

@@ -128,28 +128,3 @@ def test_strategy_checkpoint_resumes_exactly(tmp_path, monkeypatch):
     assert [train(s2, model2, b) for b in batches[3:]] == expected  # bit-for-bit
     state = s2.full_state_dict()
     assert state["output.weight"].dtype == torch.float32 and state["output.weight"].shape == (256, 64)
-
-
-def test_shard_stream_hands_out_whole_global_batches_in_order_and_resumes(ray_cluster):
-    import ray.data
-    from ray.data import DataContext
-
-    from corral.train.loop import ShardStream
-
-    DataContext.get_current().execution_options.preserve_order = True  # as fit() asks of Ray Train
-    ds = ray.data.from_items([{"i": i} for i in range(50)])  # 6 global batches of 2 x 4 rows, 2 rows over
-
-    def batches(stream, n):
-        return [b["i"].tolist() for b in stream.take(n)]
-
-    # Reads of 16 rows (two global batches) hand out the same micro-batches as reads of one batch.
-    for rows_per_read in (8, 16):
-        ranks = [ShardStream(ds, micro_batch_size=4, rank=r, world_size=2, rows_per_read=rows_per_read) for r in (0, 1)]
-        got = [batches(s, 7) for s in ranks]  # 7 > 6: the 7th starts the second epoch
-        assert got[0] == [list(range(8 * k, 8 * k + 4)) for k in range(6)] + [[0, 1, 2, 3]]
-        assert got[1] == [list(range(8 * k + 4, 8 * k + 8)) for k in range(6)] + [[4, 5, 6, 7]]
-        assert ranks[0].state_dict() == {"epoch": 1, "batch_in_epoch": 1}
-    # A stream restored from a position continues exactly there.
-    resumed = ShardStream(ds, micro_batch_size=4, rank=1, world_size=2, rows_per_read=16)
-    resumed.load_state_dict({"epoch": 0, "batch_in_epoch": 3})
-    assert batches(resumed, 4) == [[28, 29, 30, 31], [36, 37, 38, 39], [44, 45, 46, 47], [4, 5, 6, 7]]

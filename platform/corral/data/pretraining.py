@@ -8,13 +8,17 @@ documents are packed into blocks of `seq_len + 1` tokens with no padding: inputs
 block[:-1], targets block[1:]. The tail of each batch that does not fill a block is dropped and
 counted. Empty and undecodable documents are skipped and counted, never fatal.
 
-The driver only lists files and reads the final counts; the corpus flows through Ray's object
-store and workers. Output layout (written atomically):
+The corpus streams through Ray's workers and object store in bounded memory: nothing is
+shuffled or materialised as a whole, and the counts travel with the blocks to the writer, so the
+driver only lists files and reads the totals at the end. Each write task writes one shard per
+split of at least `shard_blocks` blocks: a flat `.npy` array of (blocks, seq_len + 1) token ids
+(uint16 for vocabularies up to 65,536), memory-mapped by training, which shuffles them
+(`corral.data.reader`; docs/data.md). Output layout (written atomically):
 
-    out_dir/manifest.json            shards, block and token counts, tokenizer sha256, skip counts
+    out_dir/manifest.json            the shards with their block counts, tokenizer sha256, counts
     out_dir/tokenizer.model          the tokenizer the ids belong to
-    out_dir/train/*.parquet|*.npy    column `tokens`: int32 blocks of seq_len + 1
-    out_dir/validation/...
+    out_dir/train/NNNNNN.npy         (blocks, seq_len + 1) token ids
+    out_dir/validation/NNNNNN.npy
 """
 
 from __future__ import annotations
@@ -22,16 +26,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from ray.data import Datasink
 
 from corral.checkpoint import atomic_dir, load_tokenizer
 from corral.config import PrepareDataConfig
 from corral.data import quiet_progress_bars
+from corral.data.reader import MIX_SHARDS
 from corral.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
@@ -137,12 +144,26 @@ def in_validation(text: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
-class PackBlocks:
-    """`map_batches` actor: tokenise a batch of documents and pack each split into blocks."""
+STATS = ("documents", "skipped_undecodable", "skipped_empty", "skipped_no_text_field", "dropped_tokens")
 
-    def __init__(self, tokenizer_path: str, block_len: int, val_fraction: float, counter):
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (Llama 2's 32k vocabulary): half the bytes of int32 on disk and read."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+class PackBlocks:
+    """`map_batches` actor: tokenise a batch of documents and pack each split into blocks.
+
+    Rows out: one per block (`tokens`, `split`), and the batch's counts (`STATS`) as columns of
+    its first row, zero on the others; a batch with no block gives one row of split "" that
+    carries only counts. The writer sums the columns: totals without a call per batch.
+    """
+
+    def __init__(self, tokenizer_path: str, block_len: int, val_fraction: float):
         self.tokenizer = Tokenizer(tokenizer_path)  # loaded once per actor, not per batch
-        self.block_len, self.val_fraction, self.counter = block_len, val_fraction, counter
+        self.block_len, self.val_fraction = block_len, val_fraction
+        self.dtype = token_dtype(self.tokenizer.vocab_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         stats: Counter = Counter()
@@ -160,29 +181,57 @@ class PackBlocks:
         for split, tokens in ids.items():
             n = len(tokens) // self.block_len
             stats["dropped_tokens"] += len(tokens) - n * self.block_len
-            blocks.append(np.asarray(tokens[:n * self.block_len], dtype=np.int32).reshape(n, self.block_len))
+            blocks.append(np.asarray(tokens[:n * self.block_len], dtype=self.dtype).reshape(n, self.block_len))
             splits += [split] * n
-        import ray
+        if not splits:  # nothing to write, but the counts must still reach the writer
+            blocks.append(np.zeros((1, self.block_len), dtype=self.dtype))
+            splits.append("")
+        out = {"tokens": np.concatenate(blocks), "split": np.array(splits, dtype=object)}
+        for key in STATS:
+            out[key] = np.zeros(len(splits), dtype=np.int64)
+            out[key][0] = stats[key]
+        return out
 
-        ray.get(self.counter.add.remote(dict(stats)))  # synchronous: totals are complete when the job ends
-        return {"tokens": np.concatenate(blocks), "split": np.array(splits, dtype=object)}
 
+class ShardSink(Datasink):
+    """Ray Data `Datasink`: each write task gets at least `shard_blocks` blocks (Ray bundles its
+    inputs) and writes them as one `.npy` shard per split, memory-mappable; it returns the shards
+    and the summed counts, which reach the driver once, in `on_write_complete`.
 
-def _counter_actor():
-    import ray
+    A write task's own data is all it holds: memory is bounded by the shard size, not the corpus.
+    """
 
-    @ray.remote(num_cpus=0)
-    class StatsCounter:
-        def __init__(self):
-            self.totals: Counter = Counter()
+    def __init__(self, root: Path, shard_blocks: int):
+        self.root, self.shard_blocks = root, shard_blocks
+        self.shards: list[dict] = []
+        self.counts: Counter = Counter()
 
-        def add(self, stats: dict) -> None:
-            self.totals.update(stats)
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.shard_blocks
 
-        def get(self) -> dict:
-            return dict(self.totals)
+    def write(self, blocks, ctx) -> dict:
+        from ray.data.block import BlockAccessor
 
-    return StatsCounter.remote()
+        columns = [BlockAccessor.for_block(b).to_numpy() for b in blocks]
+        columns = [c for c in columns if len(c["split"])]
+        split = np.concatenate([c["split"] for c in columns])
+        counts = {k: int(sum(c[k].sum() for c in columns)) for k in STATS}
+        shards = []
+        for name in SPLITS:
+            rows = np.concatenate([c["tokens"][c["split"] == name] for c in columns]) if (split == name).any() else None
+            if rows is None:
+                continue
+            path = f"{name}/{ctx.task_idx:06d}.npy"
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+            np.save(self.root / path, rows)
+            shards.append({"split": name, "path": path, "blocks": len(rows)})
+        return {"shards": shards, "counts": counts}
+
+    def on_write_complete(self, write_result) -> None:
+        for result in write_result.write_returns:
+            self.shards += result["shards"]
+            self.counts.update(result["counts"])
 
 
 # -- the whole preparation -----------------------------------------------------------------------
@@ -190,7 +239,9 @@ def prepare_pretraining_data(config: PrepareDataConfig, out_dir: str | os.PathLi
                              tokenizer_path: str | os.PathLike, seed: int = 0) -> dict:
     """Run the Ray Data pipeline and write shards + manifest to `out_dir` atomically; the manifest.
 
-    `tokenizer_path`: tokenizer.model or the directory holding it.
+    `tokenizer_path`: tokenizer.model or the directory holding it. `out_dir` must be on a file
+    system every node mounts (write tasks run anywhere). `seed` shuffles the file order, so the
+    documents of one shard come from across the corpus (training shuffles the rest).
     """
     import ray
 
@@ -198,9 +249,11 @@ def prepare_pretraining_data(config: PrepareDataConfig, out_dir: str | os.PathLi
     tokenizer = load_tokenizer(tokenizer_path)
     block_len = config.seq_len + 1
     quiet_progress_bars()
+    for names in files.values():
+        random.Random(seed).shuffle(names)
     n_files = sum(len(v) for v in files.values())
     print(f"prepare_data: tokenising {n_files} files into {block_len}-token blocks "
-          f"({config.num_tokenizer_actors} tokenizer actors)", flush=True)
+          f"({config.num_tokenizer_actors} tokenizer actors), shards of {config.shard_blocks} blocks", flush=True)
     parts = []
     if files["text"]:
         parts.append(ray.data.read_binary_files(files["text"]).flat_map(text_file_docs))
@@ -210,51 +263,34 @@ def prepare_pretraining_data(config: PrepareDataConfig, out_dir: str | os.PathLi
         parts.append(ray.data.read_parquet(files["parquet"], columns=["text"])
                      .map(lambda row: {"text": row["text"] or "", "status": "ok"}))
     docs = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-    counter = _counter_actor()
     packed = docs.map_batches(
         PackBlocks, batch_size=config.docs_per_batch, batch_format="numpy", concurrency=config.num_tokenizer_actors,
         fn_constructor_kwargs=dict(tokenizer_path=str(tokenizer.path), block_len=block_len,
-                                   val_fraction=config.val_fraction, counter=counter),
+                                   val_fraction=config.val_fraction),
     )
-    # Shuffle blocks once here, so training can read them in a fixed order (exact resume).
-    packed = packed.random_shuffle(seed=seed).materialize()  # in the object store, not the driver
-    stats = ray.get(counter.get.remote())
-    ray.kill(counter)
-    n_blocks = packed.count()
-    if stats.get("documents", 0) == 0 or n_blocks == 0:
-        raise CorpusError(f"no training blocks from {', '.join(config.inputs)}: {_describe(stats)}; the corpus "
-                          f"needs at least {block_len} tokens of readable text")
-    print(f"prepare_data: {n_blocks:,} blocks from {stats['documents']:,} documents; writing "
-          f"{config.output_format} shards", flush=True)
 
     with atomic_dir(out_dir) as tmp:
-        manifest = {"format": config.output_format, "seq_len": config.seq_len, "block_len": block_len,
-                    "tokenizer_sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                    "inputs": config.inputs, "val_fraction": config.val_fraction,
+        sink = ShardSink(tmp, config.shard_blocks)
+        packed.write_datasink(sink)  # streams: read, tokenise, pack and write overlap
+        stats = {k: v for k, v in sink.counts.items() if v}
+        blocks = {s: sum(sh["blocks"] for sh in sink.shards if sh["split"] == s) for s in SPLITS}
+        if stats.get("documents", 0) == 0 or blocks["train"] + blocks["validation"] == 0:
+            raise CorpusError(f"no training blocks from {', '.join(config.inputs)}: {_describe(stats)}; the "
+                              f"corpus needs at least {block_len} tokens of readable text")
+        print(f"prepare_data: {sum(blocks.values()):,} blocks from {stats['documents']:,} documents in "
+              f"{len(sink.shards)} shards", flush=True)
+        manifest = {"format": "npy", "dtype": token_dtype(tokenizer.vocab_size).name, "seq_len": config.seq_len,
+                    "block_len": block_len, "tokenizer_sha256": tokenizer.fingerprint,
+                    "vocab_size": tokenizer.vocab_size, "inputs": config.inputs, "val_fraction": config.val_fraction,
                     "documents": {k: v for k, v in stats.items() if k != "dropped_tokens"},
                     "dropped_tokens": stats.get("dropped_tokens", 0), "splits": {}}
         for split in SPLITS:
-            part = packed.filter(lambda row, s=split: row["split"] == s).select_columns(["tokens"])
-            if config.output_format == "parquet":
-                part.write_parquet(str(tmp / split))
-            else:
-                part.write_numpy(str(tmp / split), column="tokens")
-            manifest["splits"][split] = _shard_list(tmp, split, config.output_format, block_len)
+            shards = sorted(({"path": s["path"], "blocks": s["blocks"], "tokens": s["blocks"] * block_len}
+                             for s in sink.shards if s["split"] == split), key=lambda s: s["path"])
+            manifest["splits"][split] = {"shards": shards, "blocks": blocks[split], "tokens": blocks[split] * block_len}
         shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def _shard_list(root: Path, split: str, fmt: str, block_len: int) -> dict:
-    import pyarrow.parquet as pq
-
-    shards = []
-    for f in sorted((root / split).glob("*.parquet" if fmt == "parquet" else "*.npy")):
-        rows = pq.read_metadata(f).num_rows if fmt == "parquet" else np.load(f, mmap_mode="r").shape[0]
-        shards.append({"path": f"{split}/{f.name}", "blocks": rows, "tokens": rows * block_len})
-    return {"shards": shards, "blocks": sum(s["blocks"] for s in shards),
-            "tokens": sum(s["tokens"] for s in shards)}
 
 
 def _describe(stats: dict) -> str:
@@ -267,32 +303,36 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CorpusError(f"{data_dir} holds no {MANIFEST}; run the prepare_data step (or "
                           f"`pipelines.steps.prepare_data.run`) to create it")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != "npy":
+        raise CorpusError(f"{path} describes {manifest.get('format')} shards from an older corral; run the "
+                          f"prepare_data step again to write memory-mappable .npy shards")
+    return manifest
 
 
-# Splits up to this size are read whole here, in the driver, and handed to Ray as one in-memory dataset.
-# Ray Data's streaming read starts a list task and read tasks in fresh worker processes: on 2 cores
-# that took 9-15 s per split before the first batch (0.1-0.4 s in memory), for files of a few MB.
-IN_MEMORY_BYTES = 64 * 2**20
+class TokenShards:
+    """The packed blocks of one prepared split as a reader source (`corral.data.reader`): shards
+    memory-mapped when first read, rows read one by one, never a whole shard."""
 
+    shuffle = True
 
-def load_packed(data_dir: str | os.PathLike, split: str, in_memory_bytes: int = IN_MEMORY_BYTES):
-    """The packed blocks of one split, in shard order, as a Ray Dataset with an int32 `tokens` column."""
-    import ray.data  # before pyarrow reads: it registers the tensor type of the `tokens` column
+    def __init__(self, data_dir: str | os.PathLike, split: str):
+        manifest = read_manifest(data_dir)
+        shards = manifest["splits"][split]["shards"]
+        if not shards:
+            raise CorpusError(f"{data_dir} has no {split} blocks; add documents or change val_fraction")
+        self.root = str(data_dir)
+        self.paths = [s["path"] for s in shards]
+        self.sizes = [s["blocks"] for s in shards]
+        self.row_bytes = manifest["block_len"] * np.dtype(manifest["dtype"]).itemsize
+        self._open: dict[int, np.ndarray] = {}
 
-    manifest = read_manifest(data_dir)
-    files = [str(Path(data_dir) / s["path"]) for s in manifest["splits"][split]["shards"]]
-    if not files:
-        raise CorpusError(f"{data_dir} has no {split} blocks; add documents or change val_fraction")
-    parquet = manifest["format"] == "parquet"
-    if sum(os.path.getsize(f) for f in files) <= in_memory_bytes:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        from ray.data.extensions import ArrowTensorArray
+    def __getstate__(self) -> dict:  # sent to workers without open maps
+        return {**self.__dict__, "_open": {}}
 
-        table = (pa.concat_tables([pq.read_table(f) for f in files]) if parquet else
-                 pa.table({"tokens": ArrowTensorArray.from_numpy(np.concatenate([np.load(f) for f in files]))}))
-        return ray.data.from_arrow(table)
-    if parquet:
-        return ray.data.read_parquet(files)
-    return ray.data.read_numpy(files).rename_columns({"data": "tokens"})
+    def read(self, shard: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+        if shard not in self._open:
+            if len(self._open) >= 4 * MIX_SHARDS:  # a few windows' shards stay mapped
+                self._open.clear()
+            self._open[shard] = np.load(Path(self.root) / self.paths[shard], mmap_mode="r")
+        return {"tokens": self._open[shard][rows].astype(np.int64)}  # embedding lookups take int64

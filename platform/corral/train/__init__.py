@@ -9,7 +9,7 @@ from corral.train.losses import causal_lm_loss, pretrain_loss
 from corral.train.schedule import lr_factor
 from corral.train.strategy import DeepSpeedStrategy
 
-_LOOP = ("ShardStream", "TrainJob", "fit", "train_worker")
+_LOOP = ("TrainJob", "fit", "train_worker")
 
 __all__ = ["DeepSpeedStrategy", "causal_lm_loss", "lr_factor", "pretrain_loss", *_LOOP]
 

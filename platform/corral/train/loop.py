@@ -4,12 +4,13 @@ A stage describes its run as a `TrainJob` (how to build the model, its loss, whe
 model goes) and calls `fit(job, datasets)`. Each Ray Train worker then runs `train_worker`:
 build the model, wrap it in the DeepSpeed strategy, restore the latest checkpoint if Ray hands
 one over, and loop. Exact resume comes from three pieces of state saved in every checkpoint:
-the engine (model, optimizer, scheduler), the data position (`ShardStream`) and the RNG states.
+the engine (model, optimizer, scheduler), the data position (`SequenceReader`) and the RNG states.
 
-Data: every worker reads the whole dataset in the same fixed order (`preserve_order`) and takes
-its own slice of each global micro-batch. That costs each worker a full read, and buys a data
-position that is one integer, identical on all ranks, so a restart neither repeats nor skips a
-batch. Ray Data's dynamic `streaming_split` cannot promise that.
+Data: each worker reads only its own rows of each global micro-batch, straight from the
+prepared shards (memory-mapped) or a stage's in-memory rows (`corral.data.reader`). The data
+position is (epoch, sequences consumed), identical on all ranks and independent of their
+number, so a restart seeks to the next batch, on any world size, and neither repeats nor skips
+one. Ray Data prepares the shards; its dynamic `streaming_split` could not promise that.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from corral import tracking
 from corral.config import DeepSpeedConfig, OptimConfig, ResourcesConfig, TrainLoopConfig
-from corral.data import quiet_progress_bars
+from corral.data.reader import SequenceReader
 from corral.train.strategy import DeepSpeedStrategy
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
@@ -68,64 +69,6 @@ def steps_for(epochs: float, rows: int, loop: TrainLoopConfig, resources: Resour
     return max(1, math.ceil(epochs * rows / per_step))
 
 
-def items_dataset(columns: dict):
-    """A Ray Dataset with one row per index of the given equal-length numpy columns."""
-    import ray.data
-
-    n = len(next(iter(columns.values())))
-    return ray.data.from_items([{k: v[i] for k, v in columns.items()} for i in range(n)])
-
-
-class ShardStream:
-    """This rank's slice of every global micro-batch of a dataset, epoch after epoch.
-
-    Its state is the data position: (epoch, global micro-batches consumed in that epoch). Ray Data
-    hands over whole global micro-batches, as many as fit in `rows_per_read` rows: its cost per
-    batch handed over would otherwise double a tiny model's step time.
-    """
-
-    def __init__(self, shard, micro_batch_size: int, rank: int, world_size: int, rows_per_read: int = 256):
-        self.shard, self.mb, self.rank, self.world_size = shard, micro_batch_size, rank, world_size
-        self.per_read = max(1, rows_per_read // (micro_batch_size * world_size))  # global batches per read
-        self.epoch, self.batch_in_epoch = 0, 0
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        per_batch = self.mb * self.world_size
-        while True:
-            start, i = self.batch_in_epoch, 0
-            epoch = self.shard.iter_torch_batches(batch_size=per_batch * self.per_read, prefetch_batches=1)
-            try:
-                for chunk in epoch:
-                    rows = len(next(iter(chunk.values())))
-                    for offset in range(0, rows - per_batch + 1, per_batch):  # whole global batches only
-                        i += 1
-                        if i <= start:  # trained on before the checkpoint we resumed from
-                            continue
-                        self.batch_in_epoch = i
-                        lo = offset + self.rank * self.mb
-                        yield {k: v[lo:lo + self.mb] for k, v in chunk.items()}
-            finally:  # stop Ray Data's streaming read when the consumer stops early
-                getattr(epoch, "close", lambda: None)()
-            if self.batch_in_epoch == 0:
-                raise ValueError(f"the dataset holds fewer than one global batch "
-                                 f"({self.mb} x {self.world_size} workers sequences)")
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-
-    def take(self, n: int) -> list[dict[str, torch.Tensor]]:
-        """The next `n` micro-batches, then stop reading."""
-        stream = iter(self)
-        try:
-            return [next(stream) for _ in range(n)]
-        finally:
-            stream.close()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-
-
 @dataclass
 class Progress:
     """Counters that survive restarts, and the throughput/ETA line printed by rank 0."""
@@ -146,18 +89,17 @@ def train_worker(config: dict) -> None:
 
     job: TrainJob = config["job"]
     loop = job.loop
-    quiet_progress_bars()
     if job.tracking_uri:  # this process only trains: point its MLflow client at the run's server
         os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
     torch.manual_seed(loop.seed)
     strategy = DeepSpeedStrategy(job.deepspeed, job.optim, loop.micro_batch_size, loop.max_steps)
     model = strategy.prepare(job.build_model())
     ctx = ray.train.get_context()
-    train = ShardStream(ray.train.get_dataset_shard("train"), loop.micro_batch_size,
-                        ctx.get_world_rank(), ctx.get_world_size())
+    train = SequenceReader(config["datasets"]["train"], loop.micro_batch_size, ctx.get_world_rank(),
+                           ctx.get_world_size(), loop.seed)
     # The same validation batches at every evaluation, read once: losses are comparable over time.
-    val_batches = ShardStream(ray.train.get_dataset_shard("validation"), loop.micro_batch_size,
-                              ctx.get_world_rank(), ctx.get_world_size()).take(loop.eval_batches)
+    val_batches = SequenceReader(config["datasets"]["validation"], loop.micro_batch_size, ctx.get_world_rank(),
+                                 ctx.get_world_size(), loop.seed).take(loop.eval_batches)
     progress = Progress()
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as d:
@@ -199,6 +141,7 @@ def train_worker(config: dict) -> None:
             save_checkpoint(strategy, train, progress, metrics | {"resumed_from": resumed_from})
 
     batches.close()
+    report_data_read(job, strategy, train, progress.step)
     if job.export is not None:
         state = strategy.full_state_dict()  # collective: every rank takes part in the gather
         if strategy.is_rank0():
@@ -217,7 +160,7 @@ def evaluate(strategy: DeepSpeedStrategy, model: nn.Module, loss_fn: LossFn, bat
     return strategy.all_reduce_mean(losses.mean()).item()  # sync: read on the host
 
 
-def save_checkpoint(strategy: DeepSpeedStrategy, train: ShardStream, progress: Progress, metrics: dict) -> None:
+def save_checkpoint(strategy: DeepSpeedStrategy, train: SequenceReader, progress: Progress, metrics: dict) -> None:
     """Every rank writes its shard to a local directory; Ray merges them into one checkpoint."""
     import ray.train
 
@@ -225,6 +168,18 @@ def save_checkpoint(strategy: DeepSpeedStrategy, train: ShardStream, progress: P
         strategy.save(d, {"data": train.state_dict(), "progress": progress.state_dict()})
         ray.train.report({"step": progress.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"step_{progress.step:08d}")
+
+
+def report_data_read(job: TrainJob, strategy: DeepSpeedStrategy, train: SequenceReader, step: int) -> None:
+    """What each rank read of the training data in this attempt, gathered once at the end (not per
+    batch) and logged by rank 0: `data_rows_read_rank{r}` and `data_bytes_read_rank{r}`."""
+    import torch.distributed as dist
+
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, (train.rows_read, train.bytes_read))  # collective: every rank calls it
+    if strategy.is_rank0() and job.mlflow_run_id:
+        metrics = {f"data_{kind}_read_rank{r}": n for r, c in enumerate(counts) for kind, n in zip(("rows", "bytes"), c)}
+        tracking.log_metrics(job.mlflow_run_id, metrics, step=step)
 
 
 def report_progress(job: TrainJob, progress: Progress, metrics: dict, resumed_from: int, elapsed: float) -> None:
@@ -247,17 +202,17 @@ def report_progress(job: TrainJob, progress: Progress, metrics: dict, resumed_fr
 def fit(job: TrainJob, datasets: dict):
     """Run `job` on a Ray Train TorchTrainer; resumes from the run's latest checkpoint if there is one.
 
-    Re-running with the same `name` and `storage_path` continues a finished or failed run.
+    `datasets`: "train" and "validation" reader sources (`TokenShards`, `ColumnRows`); each worker
+    reads its own rows of them. Re-running with the same `name` and `storage_path` continues a
+    finished or failed run.
     """
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    quiet_progress_bars(*datasets.values())
     r = job.resources
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "datasets": datasets},
         scaling_config=ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, accelerator_type=r.accelerator_type,
             resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})},
@@ -267,8 +222,5 @@ def fit(job: TrainJob, datasets: dict):
             failure_config=FailureConfig(max_failures=job.loop.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets=datasets,
-        # No split: every worker reads all rows in order and takes its slice (see the module doc).
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
     return trainer.fit()

@@ -10,7 +10,7 @@ import torch
 
 from corral.checkpoint import save_model
 from corral.config import ModelConfig, PretrainConfig
-from corral.data.pretraining import CorpusError, load_packed, read_manifest
+from corral.data.pretraining import CorpusError, TokenShards, read_manifest
 from corral.model import Transformer
 from corral.tokenizer import Tokenizer
 from corral.train.loop import TrainJob
@@ -49,7 +49,7 @@ def check_data(cfg: PretrainConfig, data_dir: str | Path) -> dict:
 
 
 def pretrain_job(cfg: PretrainConfig, data_dir: str | Path, out: Path) -> tuple[TrainJob, dict]:
-    """The TrainJob and the Ray datasets of a pretraining run into `out / "model"`; checks the data
+    """The TrainJob and the reader sources (token shards) of a pretraining run into `out / "model"`; checks the data
     before any worker starts."""
     model = cfg.model_config_resolved()
     manifest = check_data(cfg, data_dir)
@@ -61,4 +61,4 @@ def pretrain_job(cfg: PretrainConfig, data_dir: str | Path, out: Path) -> tuple[
                        metadata={"stage": "pretrain", "tokenizer_sha256": manifest["tokenizer_sha256"]}),
         export_dir=str(out / "model"), params={"data_dir": str(data_dir)},
     )
-    return job, {split: load_packed(data_dir, split) for split in ("train", "validation")}
+    return job, {split: TokenShards(data_dir, split) for split in ("train", "validation")}

@@ -21,10 +21,11 @@ import numpy as np
 from corral.checkpoint import load_tokenizer, read_config
 from corral.config import RewardConfig
 from corral.data.formats import held_out, prompt_messages, read_all
+from corral.data.reader import ColumnRows
 from corral.data.sft import encode_dialog
 from corral.data.tasks import TaskSuite
 from corral.reward import RewardModel, pairwise_metrics, reward_model_from_checkpoint, save_reward_model
-from corral.train.loop import TrainJob, items_dataset, steps_for
+from corral.train.loop import TrainJob, steps_for
 from corral.train.losses import MARGINS, reward_loss
 
 MAX_ANSWERS = 8  # answers in one row; a prompt compared across more answers takes several rows
@@ -56,12 +57,12 @@ def preference_records(cfg: RewardConfig) -> tuple[list[dict], list[dict]]:
 
 
 def reward_job(cfg: RewardConfig, base: str | Path, out: Path) -> tuple[TrainJob, dict, list[dict]]:
-    """The TrainJob, the Ray datasets and the held-out pairs of a reward model trained from `base`."""
+    """The TrainJob, the reader sources and the held-out pairs of a reward model trained from `base`."""
     tokenizer, model_config = load_tokenizer(base), read_config(base)
     train, held = preference_records(cfg)
     rows = encode_pairs(tokenizer, train, cfg.margin, model_config.max_seq_len)
-    datasets = {"train": items_dataset(rows),
-                "validation": items_dataset(encode_pairs(tokenizer, held, cfg.margin, model_config.max_seq_len))}
+    datasets = {"train": ColumnRows(rows),
+                "validation": ColumnRows(encode_pairs(tokenizer, held, cfg.margin, model_config.max_seq_len))}
     n_rows = len(rows["tokens"])
     loop = cfg.loop.model_copy(update={"max_steps": steps_for(cfg.epochs, n_rows, cfg.loop, cfg.resources,
                                                                cfg.deepspeed)})

@@ -15,9 +15,10 @@ from pathlib import Path
 from corral.checkpoint import load_model, load_tokenizer, read_config
 from corral.config import SFTConfig
 from corral.data.formats import held_out, read_all
+from corral.data.reader import ColumnRows
 from corral.data.sft import encode_record, pack
 from corral.data.tasks import TaskSuite
-from corral.train.loop import TrainJob, items_dataset, steps_for
+from corral.train.loop import TrainJob, steps_for
 from corral.train.losses import sft_loss
 from corral.train.pretrain import export_transformer
 
@@ -34,7 +35,7 @@ def sft_records(cfg: SFTConfig) -> tuple[list[dict], list[dict]]:
 
 
 def sft_job(cfg: SFTConfig, base: str | Path, out: Path) -> tuple[TrainJob, dict]:
-    """The TrainJob and the Ray datasets (packed rows) that fine-tune `base` into `out / "model"`."""
+    """The TrainJob and the reader sources (packed rows) that fine-tune `base` into `out / "model"`."""
     model_config, tokenizer = read_config(base), load_tokenizer(base)
     train, val = sft_records(cfg)
     seq_len = cfg.seq_len or model_config.max_seq_len
@@ -43,7 +44,7 @@ def sft_job(cfg: SFTConfig, base: str | Path, out: Path) -> tuple[TrainJob, dict
         random.Random(cfg.loop.seed).shuffle(records)
         packed = pack([encode_record(tokenizer, r, cfg.gatt) for r in records], seq_len)
         stats[f"{split}_rows"], stats[f"{split}_dropped"] = len(packed["input_ids"]), packed["dropped"]
-        datasets[split] = items_dataset({k: packed[k] for k in ("input_ids", "labels", "positions")})
+        datasets[split] = ColumnRows({k: packed[k] for k in ("input_ids", "labels", "positions")})
     loop = cfg.loop.model_copy(update={"max_steps": steps_for(cfg.epochs, stats["train_rows"], cfg.loop,
                                                                cfg.resources, cfg.deepspeed)})
     job = TrainJob(
