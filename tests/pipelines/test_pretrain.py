@@ -181,6 +181,11 @@ def test_rerun_of_a_failed_run_continues_from_its_last_checkpoint(prepared, tmp_
     for s in range(resumed + 1, last_before + 1):
         assert loss[s][1] == pytest.approx(loss[s][0], abs=2e-3), s
     assert dict(tracking.metric_history(run_id, "tokens_seen"))[16] == 16 * 4 * 2 * SEQ_LEN
+    # the re-run sought to its position: each rank read the 4 rows of each step left, nothing before
+    for rank in (0, 1):
+        assert tracking.metric_history(run_id, f"data_rows_read_rank{rank}") == [(16, float((16 - resumed) * 4))]
+        assert tracking.metric_history(run_id, f"data_bytes_read_rank{rank}") == \
+            [(16, float((16 - resumed) * 4 * (SEQ_LEN + 1) * 2))]  # uint16 ids
 
 
 @pytest.mark.slow
