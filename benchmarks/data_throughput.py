@@ -2,8 +2,9 @@
 training step that consumes them.
 
 In one process, on the same machine and cores:
-  (a) `prepare_data` on a local Ray cluster over a generated corpus (random sentences of a play's
-      words, ~10M tokens by default): tokens/s, from the files to the shards and manifest;
+  (a) `prepare_data` on a local Ray cluster over a generated corpus (JSONL documents of random
+      sentences of a play's words, `corral.data.demo.synthetic_corpus`; ~10M tokens by default):
+      tokens/s, from the files to the shards and manifest;
   (b) the training reader (`SequenceReader` over the memory-mapped shards) of each rank of 2,
       through one whole epoch in micro-batches of the tiny preset's training: tokens/s per rank,
       bytes read per rank and their share of the split;
@@ -20,28 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_throughput import CORPUS, bare_loop  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_throughput.json"
-
-
-def generate_corpus(root: Path, words: list[str], n_words: int, words_per_file: int = 200_000) -> None:
-    """Plain-text files of random 12-word sentences over `words`."""
-    rng = np.random.default_rng(0)
-    vocab = np.array(words, dtype=object)
-    root.mkdir(parents=True)
-    for i, start in enumerate(range(0, n_words, words_per_file)):
-        picks = vocab[rng.integers(0, len(vocab), size=min(words_per_file, n_words - start))]
-        (root / f"part-{i:05d}.txt").write_text("\n".join(" ".join(picks[j:j + 12]) + "." for j in range(0, len(picks), 12)))
 
 
 def main() -> None:
@@ -57,6 +45,7 @@ def main() -> None:
     import torch
 
     from corral.config import ModelConfig, PrepareDataConfig
+    from corral.data.demo import synthetic_corpus
     from corral.data.pretraining import TokenShards, prepare_pretraining_data
     from corral.data.reader import SequenceReader
     from corral.model import Transformer
@@ -69,13 +58,12 @@ def main() -> None:
         tmp = Path(tmp)
         plays = sorted(args.corpus.glob("*_gut.txt"))[:8]
         tokenizer = train_tokenizer(plays, vocab_size=4096, out_dir=tmp / "tokenizer")
-        words = sorted(set(re.findall(r"[A-Za-z]+", plays[0].read_text(encoding="utf-8"))))
-        generate_corpus(tmp / "corpus", words, args.words)
+        synthetic_corpus(tmp / "corpus", plays[0].read_text(encoding="utf-8"), args.words)
 
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         try:
             config = PrepareDataConfig(inputs=[str(tmp / "corpus")], seq_len=args.seq_len, val_fraction=0.01,
-                                       shard_blocks=args.shard_blocks, docs_per_batch=64)
+                                       shard_blocks=args.shard_blocks, docs_per_batch=256)
             t = time.perf_counter()
             manifest = prepare_pretraining_data(config, tmp / "data", tokenizer.path)
             prepare_s = time.perf_counter() - t

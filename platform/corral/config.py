@@ -180,8 +180,8 @@ class PrepareDataConfig(BaseModel):
     tokenizer: str | None = Field(default=None, description="tokenizer.model or its directory; else from inputs")
     seq_len: int = Field(default=256, gt=0, description="model context; blocks hold seq_len + 1 tokens")
     val_fraction: float = Field(default=0.05, ge=0, lt=1, description="share of documents held out")
-    shard_blocks: int = Field(default=4096, gt=0, description="blocks per shard file (at least; a write task "
-                              "writes one shard per split); size it to the corpus: docs/data.md")
+    shard_blocks: int = Field(default=4096, gt=0, description="blocks per shard file (up to twice this; a "
+                              "split's last shards may hold fewer); size it to the corpus: docs/data.md")
     docs_per_batch: int = Field(default=16, gt=0, description="documents packed together by one UDF call; "
                                 "each batch drops its last partial block per split")
     num_tokenizer_actors: int = Field(default=1, ge=1)

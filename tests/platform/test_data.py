@@ -115,18 +115,6 @@ def test_missing_or_empty_corpus_is_a_clear_error_before_ray_work(tmp_path):
                          {})
 
 
-def generated_corpus(root, words: list[str], n_words: int, seed: int, words_per_file: int = 200_000):
-    """Plain-text files of random sentences over `words`: as many tokens as asked, none repeated."""
-    rng = np.random.default_rng(seed)
-    vocab = np.array(words, dtype=object)
-    root.mkdir()
-    for i, start in enumerate(range(0, n_words, words_per_file)):
-        picks = vocab[rng.integers(0, len(vocab), size=min(words_per_file, n_words - start))]
-        lines = [" ".join(picks[j:j + 12]) + "." for j in range(0, len(picks), 12)]
-        (root / f"part-{i:05d}.txt").write_text("\n".join(lines) + "\n")
-    return root
-
-
 class PeakMemory:
     """The driver's resident memory and the Ray object store's use (plus spilled bytes), sampled
     every 0.2 s in a thread while the block runs; peaks are above what was in use when it began."""
@@ -166,18 +154,16 @@ class PeakMemory:
 @pytest.mark.slow
 def test_preparation_memory_does_not_grow_with_the_corpus(ray_cluster, tokenizer, corpus, tmp_path):
     """~10M and ~50M tokens: the same driver and object-store peaks (within 1.5x), 5x the tokens."""
-    import re
-
+    from corral.data.demo import synthetic_corpus
     from pipelines.steps import prepare_data
 
     play = sorted(corpus.glob("*_gut.txt"))[0].read_text(encoding="utf-8")
-    words = sorted(set(re.findall(r"[A-Za-z]+", play)))
     results = {}
     for name, n_words in (("small", 6_000_000), ("large", 30_000_000)):
-        src = generated_corpus(tmp_path / name, words, n_words, seed=len(name))
+        src = synthetic_corpus(tmp_path / name, play, n_words, seed=len(name))
         with PeakMemory() as peak:
             out = prepare_data.run({"inputs": [str(src)], "seq_len": 255, "val_fraction": 0.01, "shard_blocks": 8192,
-                                    "docs_per_batch": 4, "tokenizer": str(tokenizer.path),
+                                    "docs_per_batch": 256, "tokenizer": str(tokenizer.path),
                                     "output_dir": str(tmp_path / f"{name}-data")}, {})
         manifest = read_manifest(out["data"])
         tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["validation"]["tokens"]

