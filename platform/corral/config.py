@@ -182,6 +182,9 @@ class PrepareDataConfig(BaseModel):
     val_fraction: float = Field(default=0.05, ge=0, lt=1, description="share of documents held out")
     shard_blocks: int = Field(default=4096, gt=0, description="blocks per shard file (up to twice this; a "
                               "split's last shards may hold fewer); size it to the corpus: docs/data.md")
+    object_store_mb: int = Field(default=512, gt=0, description="Ray Data's object-store budget for the step's "
+                                 "data in flight: what bounds its memory, whatever the corpus size; at least "
+                                 "two shards (a write task's input is one)")
     docs_per_batch: int = Field(default=16, gt=0, description="documents packed together by one UDF call; "
                                 "each batch drops its last partial block per split")
     num_tokenizer_actors: int = Field(default=1, ge=1)

@@ -159,11 +159,11 @@ def test_preparation_memory_does_not_grow_with_the_corpus(ray_cluster, tokenizer
 
     play = sorted(corpus.glob("*_gut.txt"))[0].read_text(encoding="utf-8")
     results = {}
-    for name, n_words in (("small", 6_000_000), ("large", 30_000_000)):
+    for name, n_words in (("small", 5_000_000), ("large", 25_000_000)):  # ~2.1 tokens a word
         src = synthetic_corpus(tmp_path / name, play, n_words, seed=len(name))
         with PeakMemory() as peak:
             out = prepare_data.run({"inputs": [str(src)], "seq_len": 255, "val_fraction": 0.01, "shard_blocks": 8192,
-                                    "docs_per_batch": 256, "tokenizer": str(tokenizer.path),
+                                    "docs_per_batch": 256, "object_store_mb": 48, "tokenizer": str(tokenizer.path),
                                     "output_dir": str(tmp_path / f"{name}-data")}, {})
         manifest = read_manifest(out["data"])
         tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["validation"]["tokens"]
@@ -174,7 +174,7 @@ def test_preparation_memory_does_not_grow_with_the_corpus(ray_cluster, tokenizer
     print(f"\npeak memory while preparing: {results}; large/small: tokens {large['tokens'] / small['tokens']:.2f}, "
           f"driver {large['driver_mib'] / max(small['driver_mib'], 1):.2f}, "
           f"object store {large['object_store_mib'] / max(small['object_store_mib'], 1):.2f}")
-    assert 8e6 < small["tokens"] < 12e6 and large["tokens"] > 4.5 * small["tokens"], results
+    assert 8e6 < small["tokens"] < 13e6 and large["tokens"] > 4.5 * small["tokens"], results
     # 16 MiB of slack on the driver: its heap moves by a few MiB whatever the corpus
     assert large["driver_mib"] <= 1.5 * small["driver_mib"] + 16, results
     assert large["object_store_mib"] <= 1.5 * small["object_store_mib"], results
