@@ -41,6 +41,21 @@ def tokenizer(tokenizer_dir):
     return load_tokenizer(tokenizer_dir)
 
 
+def prepare_plays(corpus: Path, tokenizer_dir: Path, root: Path, n: int = 12, **config) -> Path:
+    """The first `n` plays through the prepare_data step (on the session's Ray cluster) into
+    `root / "data"`; `config` adds to the step's config."""
+    import shutil
+
+    from pipelines.steps import prepare_data
+
+    src = root / "corpus"
+    src.mkdir()
+    for f in sorted(corpus.glob("*_gut.txt"))[:n]:
+        shutil.copy(f, src / f.name)
+    return Path(prepare_data.run({"inputs": [str(src)], **config},
+                                 {"tokenizer": str(tokenizer_dir), "output_dir": str(root / "data")})["data"])
+
+
 def free_port() -> int:
     import socket
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -22,14 +21,10 @@ SEQ_LEN = 64
 
 @pytest.fixture(scope="module")
 def prepared(ray_cluster, corpus, tokenizer_dir, tmp_path_factory):
-    from pipelines.steps import prepare_data
+    from tests.conftest import prepare_plays
 
-    src = tmp_path_factory.mktemp("corpus")
-    for f in sorted(corpus.glob("*_gut.txt"))[:12]:
-        shutil.copy(f, src / f.name)
-    out = tmp_path_factory.mktemp("prepared") / "data"
-    return prepare_data.run({"inputs": [str(src)], "seq_len": SEQ_LEN, "val_fraction": 0.1},
-                            {"tokenizer": str(tokenizer_dir), "output_dir": str(out)})["data"]
+    return str(prepare_plays(corpus, tokenizer_dir, tmp_path_factory.mktemp("prepared"), seq_len=SEQ_LEN,
+                             val_fraction=0.1))
 
 
 def config(prepared, out, **loop) -> dict:

@@ -7,7 +7,6 @@ which sequence each rank got.
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 
 import numpy as np
@@ -38,14 +37,10 @@ class NumberedRows:
 def shards(ray_cluster, corpus, tokenizer_dir, tmp_path_factory):
     """12 plays prepared one document per batch: about a dozen shards of a few hundred blocks."""
     from corral.data.pretraining import read_manifest
-    from pipelines.steps import prepare_data
+    from tests.conftest import prepare_plays
 
-    src = tmp_path_factory.mktemp("corpus")
-    for f in sorted(corpus.glob("*_gut.txt"))[:12]:
-        shutil.copy(f, src / f.name)
-    out = tmp_path_factory.mktemp("prepared") / "data"
-    prepare_data.run({"inputs": [str(src)], "seq_len": SEQ_LEN, "val_fraction": 0.1, "docs_per_batch": 1,
-                      "shard_blocks": 64}, {"tokenizer": str(tokenizer_dir), "output_dir": str(out)})
+    out = prepare_plays(corpus, tokenizer_dir, tmp_path_factory.mktemp("prepared"), seq_len=SEQ_LEN,
+                        val_fraction=0.1, docs_per_batch=1, shard_blocks=64)
     assert len(read_manifest(out)["splits"]["train"]["shards"]) > MIX_SHARDS  # more than one window
     return out
 
