@@ -185,6 +185,10 @@ class PrepareDataConfig(BaseModel):
     object_store_mb: int = Field(default=512, gt=0, description="Ray Data's object-store budget for the step's "
                                  "data in flight: what bounds its memory, whatever the corpus size; at least "
                                  "two shards (a write task's input is one)")
+    scrub_pii: bool = Field(default=False, description="replace e-mails, phone numbers, IP addresses, card numbers "
+                            "and IBANs by typed placeholders (corral.data.hygiene); counts in the manifest")
+    blocked_domains: list[str] = Field(default=[], description="drop documents whose JSONL `url` is on one of these "
+                                       "domains or under it (sites known to hold much personal information)")
     docs_per_batch: int = Field(default=16, gt=0, description="documents packed together by one UDF call; "
                                 "each batch drops its last partial block per split")
     num_tokenizer_actors: int = Field(default=1, ge=1)

@@ -38,10 +38,13 @@ from ray.data import Datasink
 from corral.checkpoint import atomic_dir, load_tokenizer
 from corral.config import PrepareDataConfig
 from corral.data import quiet_progress_bars
+from corral.data.hygiene import KINDS as PII_KINDS
+from corral.data.hygiene import blocked, mask, scrub_pii
 from corral.data.reader import MIX_SHARDS
 from corral.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
+PII_SAMPLES_FILE = "pii_samples.jsonl"
 SPLITS = ("train", "validation")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -96,14 +99,15 @@ def _decode(data: bytes) -> str | None:
 def text_file_docs(row: dict) -> list[dict]:
     """A plain-text file is one document."""
     text = _decode(row["bytes"])
-    return [{"text": text or "", "status": "ok" if text is not None else "undecodable"}]
+    return [{"text": text or "", "status": "ok" if text is not None else "undecodable", "url": ""}]
 
 
 def jsonl_file_docs(row: dict) -> list[dict]:
-    """Each line of a JSONL file with a string `text` field is one document."""
+    """Each line of a JSONL file with a string `text` field is one document; its `url`, if any,
+    is where it came from (the domain block list reads it)."""
     text = _decode(row["bytes"])
     if text is None:
-        return [{"text": "", "status": "undecodable"}]
+        return [{"text": "", "status": "undecodable", "url": ""}]
     docs = []
     for line in text.splitlines():
         if not line.strip():
@@ -111,10 +115,11 @@ def jsonl_file_docs(row: dict) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            docs.append({"text": "", "status": "undecodable"})
+            docs.append({"text": "", "status": "undecodable", "url": ""})
             continue
         ok = isinstance(record, dict) and isinstance(record.get("text"), str)
-        docs.append({"text": record["text"] if ok else "", "status": "ok" if ok else "no_text_field"})
+        url = record.get("url") if ok and isinstance(record.get("url"), str) else ""
+        docs.append({"text": record["text"] if ok else "", "status": "ok" if ok else "no_text_field", "url": url})
     return docs
 
 
@@ -144,7 +149,9 @@ def in_validation(text: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
-STATS = ("documents", "skipped_undecodable", "skipped_empty", "skipped_no_text_field", "dropped_tokens")
+STATS = ("documents", "skipped_undecodable", "skipped_empty", "skipped_no_text_field", "skipped_blocked_domain",
+         "dropped_tokens", *(f"pii_{kind}" for kind in PII_KINDS))
+PII_SAMPLES = 200  # replacements kept for review (masked), of the whole corpus
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -160,23 +167,32 @@ class PackBlocks:
     carries only counts. The writer sums the columns: totals without a call per batch.
     """
 
-    def __init__(self, tokenizer_path: str, block_len: int, val_fraction: float):
+    def __init__(self, tokenizer_path: str, block_len: int, val_fraction: float, scrub_pii: bool = False,
+                 blocked_domains: tuple[str, ...] = ()):
         self.tokenizer = Tokenizer(tokenizer_path)  # loaded once per actor, not per batch
         self.block_len, self.val_fraction = block_len, val_fraction
+        self.scrub_pii, self.blocked_domains = scrub_pii, list(blocked_domains)
         self.dtype = token_dtype(self.tokenizer.vocab_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         stats: Counter = Counter()
         ids: dict[str, list[int]] = {s: [] for s in SPLITS}
-        for text, status in zip(batch["text"], batch["status"]):
+        samples: list[dict] = []
+        for text, status, url in zip(batch["text"], batch["status"], batch["url"]):
             if status != "ok":
                 stats[f"skipped_{status}"] += 1
             elif not text.strip():
                 stats["skipped_empty"] += 1
+            elif blocked(url, self.blocked_domains):
+                stats["skipped_blocked_domain"] += 1
             else:
                 stats["documents"] += 1
-                ids["validation" if in_validation(text, self.val_fraction) else "train"] += \
-                    self.tokenizer.encode(text, bos=True, eos=True)
+                split = "validation" if in_validation(text, self.val_fraction) else "train"  # of the text as found
+                if self.scrub_pii:
+                    text, found, replaced = scrub_pii(text)
+                    stats.update({f"pii_{kind}": n for kind, n in found.items()})
+                    samples += [{"kind": k, "masked": mask(t)} for k, t in replaced[:PII_SAMPLES - len(samples)]]
+                ids[split] += self.tokenizer.encode(text, bos=True, eos=True)
         blocks, splits = [], []
         for split, tokens in ids.items():
             n = len(tokens) // self.block_len
@@ -190,6 +206,7 @@ class PackBlocks:
         for key in STATS:
             out[key] = np.zeros(len(splits), dtype=np.int64)
             out[key][0] = stats[key]
+        out["pii_samples"] = np.array([json.dumps(samples)] + [""] * (len(splits) - 1), dtype=object)
         return out
 
 
@@ -206,6 +223,7 @@ class ShardSink(Datasink):
         self.root, self.shard_blocks = root, shard_blocks
         self.shards: list[dict] = []
         self.counts: Counter = Counter()
+        self.pii_samples: list[dict] = []
 
     @property
     def min_rows_per_write(self) -> int:
@@ -218,6 +236,7 @@ class ShardSink(Datasink):
         columns = [c for c in columns if len(c["split"])]
         split = np.concatenate([c["split"] for c in columns])
         counts = {k: int(sum(c[k].sum() for c in columns)) for k in STATS}
+        samples = [s for c in columns for row in c["pii_samples"] if row for s in json.loads(row)][:PII_SAMPLES]
         shards = []
         for name in SPLITS:
             if not (split == name).any():
@@ -229,12 +248,13 @@ class ShardSink(Datasink):
                 path = f"{name}/{ctx.task_idx:06d}-{j:04d}.npy"
                 np.save(self.root / path, part)
                 shards.append({"split": name, "path": path, "blocks": len(part)})
-        return {"shards": shards, "counts": counts}
+        return {"shards": shards, "counts": counts, "pii_samples": samples}
 
     def on_write_complete(self, write_result) -> None:
         for result in write_result.write_returns:
             self.shards += result["shards"]
             self.counts.update(result["counts"])
+            self.pii_samples += result["pii_samples"][:PII_SAMPLES - len(self.pii_samples)]
 
 
 # -- the whole preparation -----------------------------------------------------------------------
@@ -269,13 +289,14 @@ def prepare_pretraining_data(config: PrepareDataConfig, out_dir: str | os.PathLi
         parts.append(ray.data.read_binary_files(files["jsonl"]).flat_map(jsonl_file_docs))
     if files["parquet"]:
         parts.append(ray.data.read_parquet(files["parquet"], columns=["text"])
-                     .map(lambda row: {"text": row["text"] or "", "status": "ok"}))
+                     .map(lambda row: {"text": row["text"] or "", "status": "ok", "url": ""}))
     docs = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     packed = docs.map_batches(
         PackBlocks, batch_size=config.docs_per_batch, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=config.num_tokenizer_actors),
         fn_constructor_kwargs=dict(tokenizer_path=str(tokenizer.path), block_len=block_len,
-                                   val_fraction=config.val_fraction),
+                                   val_fraction=config.val_fraction, scrub_pii=config.scrub_pii,
+                                   blocked_domains=tuple(config.blocked_domains)),
     )
 
     # Without a budget the reads run ahead of tokenisation until Ray's default share of the object
@@ -296,12 +317,16 @@ def prepare_pretraining_data(config: PrepareDataConfig, out_dir: str | os.PathLi
         manifest = {"format": "npy", "dtype": token_dtype(tokenizer.vocab_size).name, "seq_len": config.seq_len,
                     "block_len": block_len, "tokenizer_sha256": tokenizer.fingerprint,
                     "vocab_size": tokenizer.vocab_size, "inputs": config.inputs, "val_fraction": config.val_fraction,
-                    "documents": {k: v for k, v in stats.items() if k != "dropped_tokens"},
-                    "dropped_tokens": stats.get("dropped_tokens", 0), "splits": {}}
+                    "documents": {k: v for k, v in stats.items() if k != "dropped_tokens" and not k.startswith("pii_")},
+                    "dropped_tokens": stats.get("dropped_tokens", 0),
+                    "pii": {k: stats.get(f"pii_{k}", 0) for k in PII_KINDS} if config.scrub_pii else None,
+                    "blocked_domains": config.blocked_domains, "splits": {}}
         for split in SPLITS:
             shards = sorted(({"path": s["path"], "blocks": s["blocks"], "tokens": s["blocks"] * block_len}
                              for s in sink.shards if s["split"] == split), key=lambda s: s["path"])
             manifest["splits"][split] = {"shards": shards, "blocks": blocks[split], "tokens": blocks[split] * block_len}
+        if config.scrub_pii:
+            (tmp / PII_SAMPLES_FILE).write_text("".join(json.dumps(s) + "\n" for s in sink.pii_samples))
         shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
