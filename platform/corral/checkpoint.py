@@ -13,11 +13,12 @@ Nothing is unpickled beyond tensors: safetensors, or `torch.load(weights_only=Tr
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -160,12 +161,13 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 
 
 class WeightReader:
-    """A checkpoint's tensors under corral's names, read one at a time: `reader(name, shape)`.
+    """A checkpoint's tensors under corral's names, read one at a time: `reader(name, shape)`, or
+    only a flat range of one: `reader.slice(name, shape, start, end)`.
 
     Any layout loads: corral's, Hugging Face's (safetensors, sharded or not, or `.bin`) and Meta's
     release (`consolidated.*.pth`, model-parallel shards joined per tensor). Files are memory-
-    mapped and each tensor is copied out on its own, so reading a 70B checkpoint holds one tensor
-    at a time: under ZeRO-3 only the rank that fills a parameter reads it (`fill_parameters`).
+    mapped and only the rows asked for are copied out, so a ZeRO-3 rank filling its partition of
+    a 70B model reads its share of each tensor and never holds a whole one (`DeepSpeedStrategy.build`).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -176,19 +178,18 @@ class WeightReader:
         self.head = info.get("head", "lm")
         self.metadata = {k: v for k, v in info.items() if k not in ("format", "version", "model", "head")}
         self._meta_parts: list[dict[str, torch.Tensor]] = []
+        self._files: dict[str, Path] = {}
+        self._hf_names = False
+        self._tied = False  # Hugging Face's tie_word_embeddings: the output layer is the embedding
         if self.format == "meta":
             self._meta_parts = [_torch_load(f) for f in _meta_shards(p)]  # memory-mapped
             stored = [k for k in self._meta_parts[0] if k != "rope.freqs"]  # recomputed from rope_theta
-            self._files: dict[str, Path] = {}
-            self._hf_names = False
         else:
             self._files = _tensor_files(p)
             self._hf_names = "tok_embeddings.weight" not in self._files  # corral's first format kept Meta's names
-            if self._hf_names and "lm_head.weight" not in self._files and "model.embed_tokens.weight" in self._files:
-                self._files["lm_head.weight"] = self._files["model.embed_tokens.weight"]  # tie_word_embeddings
-            stored = list(self._files)
-        expected = {meta_name(n, self.head) if self._hf_names else n for n in stored} - {None}
-        self.names = sorted(expected)
+            self._tied = self._hf_names and self.head == "lm" and "lm_head.weight" not in self._files
+            stored = list(self._files) + (["lm_head.weight"] if self._tied else [])
+        self.names = sorted({meta_name(n, self.head) if self._hf_names else n for n in stored} - {None})
 
     def check(self, names: Iterable[str]) -> None:
         """Raise naming the first tensor that the model needs and the checkpoint lacks, or the reverse."""
@@ -200,32 +201,80 @@ class WeightReader:
         if unexpected:
             raise CheckpointError(f"{self.path}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
 
+    def __call__(self, name: str, shape: torch.Size) -> torch.Tensor:
+        """The whole tensor, checked against the shape the model expects."""
+        self._check_shape(name, shape)
+        return self.read(name)
+
     def read(self, name: str) -> torch.Tensor:
-        """One tensor under corral's name (Meta's layout of wq/wk), copied out of the files."""
-        if self.format == "meta":
-            pieces = [part[name] for part in self._meta_parts]
-            kind = name.split(".")[-2]
-            if len(pieces) == 1 or kind not in _META_CONCAT_DIM:
-                return pieces[0].clone()
-            return torch.cat(pieces, dim=_META_CONCAT_DIM[kind])
+        return self._rows(name, 0, self._shape(name)[0])
+
+    def slice(self, name: str, shape: torch.Size, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of the flattened tensor, reading only the rows that hold them."""
+        self._check_shape(name, shape)
+        cols = math.prod(shape[1:])
+        first, last = start // cols, -(-end // cols)
+        return self._rows(name, first, last).flatten()[start - first * cols:end - first * cols]
+
+    def _check_shape(self, name: str, shape: torch.Size) -> None:
+        if tuple(self._shape(name)) != tuple(shape):
+            raise CheckpointError(f"{self.path}: tensor {name} has shape {tuple(self._shape(name))}, "
+                                  f"the config expects {tuple(shape)}")
+
+    def _stored(self, name: str) -> str:
         stored = hf_name(name, self.head) if self._hf_names else name
+        return "model.embed_tokens.weight" if self._tied and stored == "lm_head.weight" else stored
+
+    def _shape(self, name: str) -> list[int]:
+        if self.format == "meta":
+            pieces = [part[name].shape for part in self._meta_parts]
+            dim = _META_CONCAT_DIM.get(name.split(".")[-2])
+            shape = list(pieces[0])
+            if dim is not None and len(pieces) > 1:
+                shape[dim] = sum(piece[dim] for piece in pieces)
+            return shape
+        return list(self._open(name, lambda t: t.get_shape(), lambda t: t.shape))
+
+    def _rows(self, name: str, first: int, last: int) -> torch.Tensor:
+        """Rows [first, last) of a tensor in corral's layout (Meta's wq/wk row order), copied out."""
+        if self.format == "meta":
+            return _meta_rows([part[name] for part in self._meta_parts], _META_CONCAT_DIM.get(name.split(".")[-2]),
+                              first, last)
+        heads = _qk_heads(name, self.config) if self._hf_names else None
+        if heads is None:
+            return self._open(name, lambda t: t[first:last], lambda t: t[first:last].clone())
+        # Hugging Face permutes rows within each head: read whole heads, put them back in Meta's order
+        head_dim = self.config.head_dim
+        lo, hi = first // head_dim * head_dim, -(-last // head_dim) * head_dim
+        block = self._open(name, lambda t: t[lo:hi], lambda t: t[lo:hi].clone())
+        return permute_hf_to_meta(block, (hi - lo) // head_dim)[first - lo:last - lo]
+
+    def _open(self, name: str, from_safetensors: Callable, from_torch: Callable):
+        """Apply a reader to one stored tensor: a safetensors slice handle or a memory-mapped tensor."""
+        stored = self._stored(name)
         f = self._files[stored]
         try:
             if f.suffix == ".bin":
-                tensor = _torch_load(f)[stored if stored in self._files else "model.embed_tokens.weight"].clone()
-            else:
-                with safe_open(str(f), framework="pt") as sf:
-                    tensor = sf.get_tensor(stored)
+                return from_torch(_torch_load(f)[stored])
+            with safe_open(str(f), framework="pt") as sf:
+                return from_safetensors(sf.get_slice(stored))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: cannot read tensor {stored} ({e}); the file may be truncated") from e
-        return _from_hf(name, tensor, self.config) if self._hf_names else tensor
 
-    def __call__(self, name: str, shape: torch.Size) -> torch.Tensor:
-        tensor = self.read(name)
-        if tensor.shape != shape:
-            raise CheckpointError(f"{self.path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                  f"the config expects {tuple(shape)}")
-        return tensor
+
+def _meta_rows(pieces: list[torch.Tensor], dim: int | None, first: int, last: int) -> torch.Tensor:
+    """Rows [first, last) of a tensor Meta split over model-parallel shards along `dim`."""
+    if len(pieces) == 1 or dim is None:  # whole in every shard (norms are replicated)
+        return pieces[0][first:last].clone()
+    if dim == 1:
+        return torch.cat([piece[first:last] for piece in pieces], dim=1)
+    rows, offset = [], 0
+    for piece in pieces:
+        lo, hi = max(first, offset), min(last, offset + piece.shape[0])
+        if lo < hi:
+            rows.append(piece[lo - offset:hi - offset])
+        offset += piece.shape[0]
+    return torch.cat(rows)
 
 
 def _tensor_files(p: Path) -> dict[str, Path]:

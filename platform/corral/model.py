@@ -11,7 +11,6 @@ Hugging Face rotates halves instead and permutes wq/wk to match (see `checkpoint
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -282,16 +281,16 @@ def seeded_init(seed: int | None) -> WeightSource:
     return init
 
 
-def fill_parameters(model: nn.Module, weights: WeightSource, gathered: Callable = lambda params: nullcontext(),
-                    writes: bool = True) -> None:
-    """Copy `weights(name, shape)` into every parameter, in order, one at a time.
+def flat_slice(weights: WeightSource, name: str, shape: torch.Size, start: int, end: int) -> torch.Tensor:
+    """Elements [start, end) of a parameter's flattened values: read alone where the source can
+    (a checkpoint's `WeightReader.slice`), else cut from the whole tensor."""
+    if hasattr(weights, "slice"):
+        return weights.slice(name, shape, start, end)
+    return weights(name, shape).flatten()[start:end]
 
-    A sharded trainer passes `gathered`, a context that makes one parameter whole and shards it
-    again on exit (ZeRO-3's `GatheredParameters(..., modifier_rank=0)`), and `writes` on the one
-    rank that reads the source: no rank ever holds more than one whole tensor beside its shards.
-    """
+
+def fill_parameters(model: nn.Module, weights: WeightSource) -> None:
+    """Copy `weights(name, shape)` into every parameter, in order, one tensor at a time."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            with gathered([p]):
-                if writes:
-                    p.copy_(weights(name, getattr(p, "ds_shape", p.shape)))
+            p.copy_(weights(name, p.shape))

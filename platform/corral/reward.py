@@ -21,7 +21,7 @@ from torch import nn
 
 from corral.checkpoint import CORRAL_CONFIG, CheckpointError, WeightReader, load_tokenizer, save_model
 from corral.config import ModelConfig
-from corral.model import Layout, Transformer, WeightSource, fill_parameters
+from corral.model import Layout, Transformer, WeightSource, fill_parameters, flat_slice
 from corral.tokenizer import Tokenizer
 from corral.train.losses import RATINGS
 
@@ -79,10 +79,10 @@ class RewardModel(Transformer):
 
     @classmethod
     def from_lm(cls, lm: Transformer) -> "RewardModel":
-        """A reward model from an in-memory language model (`reward_weights`)."""
+        """A reward model from an in-memory language model (`RewardInit`)."""
         rm = cls(lm.config)
         state = lm.state_dict()
-        fill_parameters(rm, reward_weights(lambda name, shape: state[name]))
+        fill_parameters(rm, RewardInit(lambda name, shape: state[name]))
         return rm
 
     # -- scoring -----------------------------------------------------------------------------
@@ -140,13 +140,21 @@ def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     return model.to(dtype).eval()
 
 
-def reward_weights(lm: WeightSource) -> WeightSource:
+class RewardInit:
     """A language model's weights for a new reward model: every weight but the head, which starts
     at zero (all rewards start equal: the first steps see the plain margin loss)."""
-    return lambda name, shape: torch.zeros(shape) if name == "output.weight" else lm(name, shape)
+
+    def __init__(self, lm: WeightSource):
+        self.lm = lm
+
+    def __call__(self, name: str, shape: torch.Size) -> torch.Tensor:
+        return torch.zeros(shape) if name == "output.weight" else self.lm(name, shape)
+
+    def slice(self, name: str, shape: torch.Size, start: int, end: int) -> torch.Tensor:
+        return torch.zeros(end - start) if name == "output.weight" else flat_slice(self.lm, name, shape, start, end)
 
 
 def reward_init(path: str | os.PathLike) -> WeightSource:
     """A new reward model's weights from any checkpoint `corral.load_model` reads (the SFT model),
     read tensor by tensor: the language model is never loaded as a model of its own."""
-    return reward_weights(WeightReader(path))
+    return RewardInit(WeightReader(path))

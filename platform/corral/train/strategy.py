@@ -19,7 +19,6 @@ import os
 import random
 import sys
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from corral.config import DeepSpeedConfig, OptimConfig
-from corral.model import WeightSource, fill_parameters
+from corral.model import WeightSource, fill_parameters, flat_slice
 from corral.train.schedule import lr_lambda
 
 CHECKPOINT_TAG = "state"  # one tag per checkpoint directory: the directory itself is versioned by Ray
@@ -164,25 +163,25 @@ class DeepSpeedStrategy:
         """The model, constructed and filled so that no rank holds it whole under ZeRO-3.
 
         ZeRO-3: `make_model` runs inside `deepspeed.zero.Init`, so each parameter is partitioned
-        (in the training dtype) as soon as its module exists; then rank 0 reads the initial
-        weights one tensor at a time (`weights()`: a checkpoint reader or a seeded init) and each
-        is scattered to its owners. Other stages: every rank builds and fills the whole model.
-        `weights=None` leaves the parameters as built (a checkpoint is about to replace them).
+        (in the training dtype) as soon as its module exists, and each rank then fills its own
+        partition, reading only that share of each tensor from the checkpoint (`weights()`: a
+        `WeightReader`, or a seeded init, computed whole and cut). No gather, no broadcast: a
+        rank's memory is its partition plus one share of one tensor. Other stages: every rank
+        builds and fills the whole model. `weights=None` leaves the parameters as built (a
+        checkpoint is about to replace them).
         """
         import deepspeed
 
         self.init_distributed()
-        if self.ds.zero_stage == 3:
-            with deepspeed.zero.Init(config_dict_or_path=self.deepspeed_config(), dtype=self.dtype):
-                model = make_model()
-            if weights is not None:
-                gathered = partial(deepspeed.zero.GatheredParameters, modifier_rank=0)
-                source = weights() if self.is_rank0() else None
-                fill_parameters(model, source, gathered=gathered, writes=self.is_rank0())
-        else:
+        if self.ds.zero_stage != 3:
             model = make_model()
             if weights is not None:
                 fill_parameters(model, weights())
+        else:
+            with deepspeed.zero.Init(config_dict_or_path=self.deepspeed_config(), dtype=self.dtype):
+                model = make_model()
+            if weights is not None:
+                fill_partitions(model, weights(), self.rank)
         model.activation_checkpointing = self.ds.activation_checkpointing
         return model
 
@@ -288,9 +287,25 @@ class DeepSpeedStrategy:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r} in {directory}")
+        if self.universal:
+            self._repair_universal_load()
         rng = directory / f"rng_rank{self.rank}.pt"
         set_rng_state(torch.load(rng if rng.is_file() else directory / "rng_rank0.pt", weights_only=True))
         return json.loads((directory / STATE_FILE).read_text())["client_state"]
+
+    def _repair_universal_load(self) -> None:
+        """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load (stage3.py,
+        `load_hp_checkpoint_state_from_checkpoint_dir_stage3`): it gives every param group group
+        0's hyperparameters, weight decay included (norm gains would start decaying), and one
+        shared `step` tensor, which the fused AdamW then advances once per group per step (a
+        wrong bias correction from the first step on). Found by comparing a resumed run with an
+        uninterrupted one."""
+        inner = self.engine.optimizer.optimizer
+        for group, decay in zip(inner.param_groups, (self.optim.weight_decay, 0.0), strict=True):
+            group["weight_decay"] = decay
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def _universal(self, directory: Path) -> Path:
         """`directory` in DeepSpeed's universal layout, converted by rank 0 on first use.
@@ -332,6 +347,18 @@ class DeepSpeedStrategy:
         """The whole model (`gathered_parameters`) on rank 0; None on other ranks. Collective."""
         state = dict(self.gathered_parameters())
         return state if self.is_rank0() else None
+
+
+def fill_partitions(model: nn.Module, weights: WeightSource, rank: int) -> None:
+    """Fill this rank's ZeRO-3 partition of every parameter: elements [rank * n, (rank + 1) * n) of
+    the flattened tensor, n = its partition size (the last rank's is padded)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            part = p.ds_tensor
+            start = rank * part.numel()
+            end = min(start + part.numel(), p.ds_numel)
+            if end > start:
+                part[:end - start].copy_(flat_slice(weights, name, p.ds_shape, start, end))
 
 
 def saved_world_size(directory: str | os.PathLike) -> int:
