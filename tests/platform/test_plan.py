@@ -2,6 +2,9 @@
 activation count agrees with what autograd saves, and an over-sized step fails validation."""
 
 import json
+import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from corral.cli import main
 from corral.config import DeepSpeedConfig, ModelConfig
+from corral.demo import readme_blocks, run_block
 from corral.model import Transformer
 from corral.plan import (activation_bytes, block_activation_bytes, largest_layer_params, logits_bytes,
                          model_state_bytes)
@@ -144,3 +148,21 @@ def test_plan_json_shape_and_exit_code(capsys):
     assert main(["plan", str(SPECS / "llama2-13b.yaml"), "--set", "steps.ppo.config.minibatch_size=512"]) == 2
     captured = capsys.readouterr()
     assert "ppo" in captured.out and "step 'ppo' needs" in captured.err and "minibatch_size" in captured.err
+
+
+def test_the_readmes_table_and_command_match_the_plan(tmp_path):
+    """The README's "What a 7B/13B/70B run needs" numbers are the plan's, and its block runs."""
+    readme = SPECS.parents[1] / "README.md"
+    rows = {m[1]: m[2] for m in re.finditer(r"^\| (\d+B) \| (.*)$", readme.read_text(), re.M)}
+    assert set(rows) == {"7B", "13B", "70B"}
+    for size, row in rows.items():
+        plans = {p.step: p for p in load_spec(SPECS / f"llama2-{size.lower()}.yaml").plan()}
+        pre, sft, ppo = plans["pretrain"], plans["sft"], plans["ppo"]
+        peak = max(p.per_accelerator_bytes for p in plans.values())
+        expected = [f"{pre.nodes} nodes, {pre.per_accelerator_bytes / 1e9:.1f} GB/GPU, {pre.step_time_s:.1f} s/step",
+                    f"{sft.nodes} nodes, {sft.per_accelerator_bytes / 1e9:.1f} GB",
+                    f"{ppo.nodes} nodes, {ppo.per_accelerator_bytes / 1e9:.1f} GB", f"{peak / 1e9:.1f} of 80"]
+        assert [c.strip() for c in row.split("|")[:4]] == expected, size
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done, _ = run_block(readme_blocks(readme)["plan"], env, SPECS.parents[1], capture=True, timeout=120)
+    assert done.returncode == 0 and "pretrain" in done.stdout and "NO" not in done.stdout, done.stderr
