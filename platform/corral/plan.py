@@ -182,72 +182,68 @@ def kv_cache_bytes(model: ModelConfig, tokens: int, e: int) -> int:
 def plan_step(step: str, uses: str, cfg: BaseModel, model: ModelConfig, mfu: float = DEFAULT_MFU) -> StepPlan | None:
     """The plan of one pipeline step; None for steps that train or generate nothing (tokenizer, data, ...)."""
     if isinstance(cfg, (PretrainConfig, SFTConfig, RewardConfig)):
-        return _plan_training(step, uses, cfg, model, mfu)
+        res, ds = cfg.resources, cfg.deepspeed
+        seq = (cfg.seq_len if isinstance(cfg, SFTConfig) else None) or model.max_seq_len
+        mb = cfg.loop.micro_batch_size
+        return _plan(step, uses, model, ds, mfu, accelerator_type=res.accelerator_type if res.gpus_per_worker else None,
+                     accelerators=math.ceil(res.num_workers * res.gpus_per_worker), ranks=res.num_workers,
+                     micro_batch=mb, seq_len=seq, lm_head=not isinstance(cfg, RewardConfig), generated_tokens=0,
+                     tokens_per_step=mb * ds.grad_accum_steps * res.num_workers * seq,
+                     knob=_knob(ds, "loop.micro_batch_size", "resources.num_workers"))
     if isinstance(cfg, (RejectionSamplingConfig, PPOConfig)):
-        return _plan_rlhf(step, uses, cfg, model, mfu)
+        res, ds = cfg.resources, cfg.deepspeed
+        ranks = max(1, int(res.gpus_per_role))
+        generated = min(model.max_seq_len, PROMPT_TOKENS + cfg.max_new_tokens)  # prompt + reply
+        if isinstance(cfg, PPOConfig):  # trains on the rollouts; roles: policy, critic, reference, 2 rewards
+            rows, field, roles, seq = cfg.minibatch_size, "minibatch_size", 5, generated
+        else:  # fine-tunes on packed rows of the best replies; roles: policy, 2 rewards
+            rows, field, roles, seq = cfg.micro_batch_size, "micro_batch_size", 3, cfg.seq_len
+        mb = math.ceil(rows / (ranks * ds.grad_accum_steps))  # rows of one gradient step, over the group's ranks
+        return _plan(step, uses, model, ds, mfu, accelerator_type=res.accelerator_type if res.gpus_per_role else None,
+                     accelerators=roles * ranks, ranks=ranks, micro_batch=mb, seq_len=seq, lm_head=True,
+                     generated_tokens=ENGINE_SEQUENCES * generated, tokens_per_step=None,
+                     knob=_knob(ds, field, "resources.gpus_per_role"))
     return None
 
 
-def _plan_training(step, uses, cfg, model: ModelConfig, mfu: float) -> StepPlan:
-    res, ds = cfg.resources, cfg.deepspeed
-    seq = (cfg.seq_len if isinstance(cfg, SFTConfig) else None) or model.max_seq_len
-    mb, ranks, e = cfg.loop.micro_batch_size, res.num_workers, dtype_bytes(ds)
-    params, grads, optim, host = model_state_bytes(model, ds, ranks)
-    acts = {on: activation_bytes(model, seq, mb, e, on) for on in (False, True)}
-    logits = 0 if isinstance(cfg, RewardConfig) else logits_bytes(model, seq, mb)
-    accelerators = int(math.ceil(ranks * res.gpus_per_worker))
-    tokens = mb * ds.grad_accum_steps * ranks * seq
-    per_rank = params + grads + optim + acts[ds.activation_checkpointing] + logits
-    return _finish(step, uses, res.accelerator_type if res.gpus_per_worker else None, accelerators, ranks, mb, seq,
-                   (params, grads, optim), acts, ds.activation_checkpointing, logits, 0, per_rank, host, model, tokens,
-                   mfu, _knob(ds, acts, "loop.micro_batch_size"))
-
-
-def _plan_rlhf(step, uses, cfg, model: ModelConfig, mfu: float) -> StepPlan:
-    res, ds, e = cfg.resources, cfg.deepspeed, dtype_bytes(cfg.deepspeed)
-    ranks = max(1, int(res.gpus_per_role))
-    generated = min(model.max_seq_len, PROMPT_TOKENS + cfg.max_new_tokens)  # prompt + reply
-    if isinstance(cfg, PPOConfig):  # trains on the rollouts; roles: policy, critic, reference, 2 rewards
-        rows, field, roles, seq = cfg.minibatch_size, "minibatch_size", 5, generated
-    else:  # fine-tunes on packed rows of the best replies; roles: policy, 2 rewards
-        rows, field, roles, seq = cfg.micro_batch_size, "micro_batch_size", 3, cfg.seq_len
-    mb = math.ceil(rows / (ranks * ds.grad_accum_steps))
-    params, grads, optim, host = model_state_bytes(model, ds, ranks)
-    acts = {on: activation_bytes(model, seq, mb, e, on) for on in (False, True)}
-    logits = logits_bytes(model, seq, mb)
-    # the policy also generates: its engine's bf16 weights and KV cache, split over the role's accelerators
-    kv = (2 * model.num_params() + kv_cache_bytes(model, ENGINE_SEQUENCES * generated, 2)) // ranks
-    per_rank = params + grads + optim + acts[ds.activation_checkpointing] + logits + kv  # the busiest role
-    return _finish(step, uses, res.accelerator_type if res.gpus_per_role else None, roles * ranks, ranks, mb, seq,
-                   (params, grads, optim), acts, ds.activation_checkpointing, logits, kv, per_rank, host, model,
-                   None, mfu, _knob(ds, acts, field, "resources.gpus_per_role"))
-
-
-def _finish(step, uses, accel_type, accelerators, ranks, mb, seq, states, acts, ckpt, logits, kv, per_rank, host,
-            model, tokens, mfu, knob) -> StepPlan:
-    accel = ACCELERATORS.get(accel_type) if accel_type else None
-    if accel_type and accel is None:
-        raise ValueError(f"step {step!r}: accelerator_type {accel_type!r} has no memory size in corral.plan; "
+def _plan(step: str, uses: str, model: ModelConfig, ds: DeepSpeedConfig, mfu: float, *, accelerator_type: str | None,
+          accelerators: int, ranks: int, micro_batch: int, seq_len: int, lm_head: bool, generated_tokens: int,
+          tokens_per_step: int | None, knob: str) -> StepPlan:
+    """The busiest rank of a step: `ranks` share the model under ZeRO, each runs `micro_batch`
+    sequences of `seq_len`; a step that generates also holds the engine's weights and KV cache."""
+    accel = ACCELERATORS.get(accelerator_type) if accelerator_type else None
+    if accelerator_type and accel is None:
+        raise ValueError(f"step {step!r}: accelerator_type {accelerator_type!r} has no memory size in corral.plan; "
                          f"use one of {', '.join(ACCELERATORS)}")
+    e = dtype_bytes(ds)
+    params, grads, optim, host = model_state_bytes(model, ds, ranks)
+    acts = {on: activation_bytes(model, seq_len, micro_batch, e, on) for on in (False, True)}
+    logits = logits_bytes(model, seq_len, micro_batch) if lm_head else 0
+    kv = 0
+    if generated_tokens:  # the policy's engine: bf16 weights and KV cache, split over the role's accelerators
+        kv = (2 * model.num_params() + kv_cache_bytes(model, generated_tokens, 2)) // ranks
+    per_rank = params + grads + optim + acts[ds.activation_checkpointing] + logits + kv
     memory = accel.memory_bytes if accel else None
     ranks_per_node = min(ranks, GPUS_PER_NODE) if accel else 1
     loading = 4 * largest_layer_params(model) * ranks_per_node  # each rank reads one tensor at a time, in fp32
     time = None
-    if accel and tokens is not None:
-        time = (8 if ckpt else 6) * model.num_params() * tokens / (accelerators * accel.peak_bf16_flops * mfu)
+    if accel and tokens_per_step is not None:
+        flops = (8 if ds.activation_checkpointing else 6) * model.num_params() * tokens_per_step
+        time = flops / (accelerators * accel.peak_bf16_flops * mfu)
     return StepPlan(
-        step=step, uses=uses, accelerator_type=accel_type if accel else None, accelerators=accelerators if accel else 0,
-        nodes=math.ceil(accelerators / GPUS_PER_NODE) if accel else 0, micro_batch=mb, seq_len=seq,
-        params_bytes=states[0], grads_bytes=states[1], optimizer_bytes=states[2], activations_bytes=acts[ckpt],
-        activations_no_checkpointing_bytes=acts[False], activations_checkpointing_bytes=acts[True],
-        logits_bytes=logits, kv_cache_bytes=kv, per_accelerator_bytes=int(per_rank), accelerator_memory_bytes=memory,
-        fits=memory is None or per_rank <= memory, host_bytes_per_node=host * ranks_per_node + loading,
-        tokens_per_step=tokens, step_time_s=time, mfu=mfu, knob=knob)
+        step=step, uses=uses, accelerator_type=accelerator_type if accel else None,
+        accelerators=accelerators if accel else 0, nodes=math.ceil(accelerators / GPUS_PER_NODE) if accel else 0,
+        micro_batch=micro_batch, seq_len=seq_len, params_bytes=params, grads_bytes=grads, optimizer_bytes=optim,
+        activations_bytes=acts[ds.activation_checkpointing], activations_no_checkpointing_bytes=acts[False],
+        activations_checkpointing_bytes=acts[True], logits_bytes=logits, kv_cache_bytes=kv,
+        per_accelerator_bytes=per_rank, accelerator_memory_bytes=memory, fits=memory is None or per_rank <= memory,
+        host_bytes_per_node=host * ranks_per_node + loading, tokens_per_step=tokens_per_step, step_time_s=time,
+        mfu=mfu, knob=knob)
 
 
-def _knob(ds: DeepSpeedConfig, acts: dict, batch_field: str, more_ranks: str = "resources.num_workers") -> str:
-    """The first thing to change, in the order that costs least throughput."""
-    if not ds.activation_checkpointing and acts[False] > 2 * acts[True]:
+def _knob(ds: DeepSpeedConfig, batch_field: str, more_ranks: str) -> str:
+    """The first thing to change when a step does not fit, in the order that costs least throughput."""
+    if not ds.activation_checkpointing:  # keeps ~1/20 of a block's activations (its input), for a third more compute
         return "set deepspeed.activation_checkpointing: true"
     if ds.zero_stage < 3:
         return "set deepspeed.zero_stage: 3 (shards parameters too)"
