@@ -115,9 +115,10 @@ class StepPlan:
             return None
         short = (self.per_accelerator_bytes - self.accelerator_memory_bytes) / GB
         states = self.params_bytes + self.grads_bytes + self.optimizer_bytes
-        parts = (f"parameters+gradients+optimizer {states / GB:.1f} GB, activations {self.activations_bytes / GB:.1f} GB, "
-                 f"logits {self.logits_bytes / GB:.1f} GB" + (f", KV cache {self.kv_cache_bytes / GB:.1f} GB"
-                                                             if self.kv_cache_bytes else ""))
+        parts = (f"parameters+gradients+optimizer {states / GB:.1f} GB, "
+                 f"activations {self.activations_bytes / GB:.1f} GB, logits {self.logits_bytes / GB:.1f} GB")
+        if self.kv_cache_bytes:
+            parts += f", KV cache {self.kv_cache_bytes / GB:.1f} GB"
         return (f"step {self.step!r} needs {self.per_accelerator_bytes / GB:.1f} GB per {self.accelerator_type} "
                 f"({parts}), {short:.1f} GB more than its {self.accelerator_memory_bytes / GB:.0f} GB; {self.knob}")
 

@@ -227,7 +227,8 @@ def test_gpu_groups_hold_every_step_of_the_big_specs(raycluster):
     from corral.plan import GPUS_PER_NODE
     from pipelines.spec import load_spec
 
-    groups = {g["rayStartParams"].get("labels", "").partition("=")[2]: g for g in raycluster["spec"]["workerGroupSpecs"]}
+    groups = {g["rayStartParams"].get("labels", "").partition("=")[2]: g
+              for g in raycluster["spec"]["workerGroupSpecs"]}
     launcher = load("infra/ray/cluster.yaml")["available_node_types"]
     for name in BIG_SPECS:
         for plan in load_spec(REPO / f"pipelines/specs/{name}.yaml").plan():
