@@ -214,8 +214,9 @@ def _plan(step: str, uses: str, model: ModelConfig, ds: DeepSpeedConfig, mfu: fl
     sequences of `seq_len`; a step that generates also holds the engine's weights and KV cache."""
     accel = ACCELERATORS.get(accelerator_type) if accelerator_type else None
     if accelerator_type and accel is None:
-        raise ValueError(f"step {step!r}: accelerator_type {accelerator_type!r} has no memory size in corral.plan; "
-                         f"use one of {', '.join(ACCELERATORS)}")
+        raise ValueError(f"step {step!r}: accelerator_type {accelerator_type!r} is not one corral.plan can size; "
+                         f"use one of {', '.join(ACCELERATORS)}, or add its memory and bf16 peak to "
+                         f"corral.plan.ACCELERATORS")
     e = dtype_bytes(ds)
     params, grads, optim, host = model_state_bytes(model, ds, ranks)
     acts = {on: activation_bytes(model, seq_len, micro_batch, e, on) for on in (False, True)}

@@ -133,6 +133,8 @@ def test_an_oversized_micro_batch_fails_validation_naming_the_step_and_the_knob(
     message = str(e.value)
     assert "step 'sft' needs" in message and "GB more than its 80 GB" in message
     assert "lower loop.micro_batch_size" in message
+    with pytest.raises(SpecError, match="'V100' is not one corral.plan can size"):
+        load_spec(SPECS / "llama2-7b.yaml", ["steps.sft.resources.accelerator_type=V100"])
     with pytest.raises(SpecError, match="set deepspeed.activation_checkpointing: true"):
         load_spec(SPECS / "llama2-70b.yaml", ["steps.pretrain.config.deepspeed.activation_checkpointing=false"])
 
@@ -148,6 +150,10 @@ def test_plan_json_shape_and_exit_code(capsys):
     assert main(["plan", str(SPECS / "llama2-13b.yaml"), "--set", "steps.ppo.config.minibatch_size=512"]) == 2
     captured = capsys.readouterr()
     assert "ppo" in captured.out and "step 'ppo' needs" in captured.err and "minibatch_size" in captured.err
+    # `pipeline validate` (and `run`, through the same load_spec) refuses it too
+    assert main(["pipeline", "validate", str(SPECS / "llama2-13b.yaml"), "--set",
+                 "steps.ppo.config.minibatch_size=512"]) == 2
+    assert "steps.ppo: step 'ppo' needs" in capsys.readouterr().err
 
 
 def test_the_readmes_table_and_command_match_the_plan(tmp_path):
