@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage3 import model_to_params as zero3_model_to_params
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-from torch.utils.checkpoint import checkpoint
 
 from corral.cli import main
 from corral.config import DeepSpeedConfig, ModelConfig
@@ -80,7 +79,7 @@ def test_parameter_counts_match_deepspeeds_count_of_a_real_model():
     assert zero3_model_to_params(Transformer(config)) == (config.num_params(), largest_layer_params(config))
 
 
-def saved_bytes(model: Transformer, tokens: torch.Tensor, per_block_checkpoint: bool = False) -> int:
+def saved_bytes(model: Transformer, tokens: torch.Tensor) -> int:
     """Bytes of the distinct tensors autograd saves for backward in a forward + loss, parameters left
     out, plus the fp32 logits the caller holds until backward."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -93,15 +92,7 @@ def saved_bytes(model: Transformer, tokens: torch.Tensor, per_block_checkpoint: 
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if per_block_checkpoint:  # the per-block, non-reentrant checkpointing the plan assumes
-            pos = torch.arange(tokens.shape[1])[None]
-            cos, sin = model.rope_cos[pos], model.rope_sin[pos]
-            h = model.tok_embeddings(tokens)
-            for layer in model.layers:
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
-            logits = model.output(model.norm(h)).float()
-        else:
-            logits = model(tokens)
+        logits = model(tokens)
         F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
     seen[logits.untyped_storage().data_ptr()] = logits.untyped_storage().nbytes()
     return sum(seen.values())
@@ -117,8 +108,9 @@ def test_activation_formula_matches_what_autograd_saves(dtype):
     measured = saved_bytes(model, tokens)
     print(f"{dtype}: predicted {predicted / 1e6:.1f} MB, autograd saved {measured / 1e6:.1f} MB")
     assert within(predicted, measured, 0.05)
-    # checkpointed: each block keeps its input; one block's activations come back during backward
-    kept = saved_bytes(model, tokens, per_block_checkpoint=True)
+    # the model's own checkpointing: each block keeps its input; one block's activations come back in backward
+    model.activation_checkpointing = True
+    kept = saved_bytes(model, tokens)
     predicted_kept = activation_bytes(config, 512, 2, e, checkpointing=True) + logits_bytes(config, 512, 2)
     recomputed = block_activation_bytes(config, 512, 2, e)
     print(f"{dtype}, checkpointed: predicted {(predicted_kept - recomputed) / 1e6:.1f} MB + one recomputed block "
