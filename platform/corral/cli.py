@@ -89,6 +89,19 @@ def cmd_train_pretrain(args) -> None:
     print(f"pretrained model -> {outputs['model']} (MLflow run {outputs['mlflow_run_id']})")
 
 
+def cmd_plan(args) -> None:
+    from corral.plan import table
+    from pipelines.spec import load_spec  # the CLI is the composition root
+
+    plans = load_spec(args.spec, args.set, check_memory=False).plan(args.mfu)
+    if args.json:
+        print(json.dumps({"steps": [p.as_dict() for p in plans]}, indent=2))
+    else:
+        print(table(plans))
+    if problems := [p.problem() for p in plans if not p.fits]:
+        raise ValueError(f"{args.spec}: {len(problems)} step(s) do not fit\n  " + "\n  ".join(problems))
+
+
 def port(name: str, default: int) -> int:
     """`corral up`'s default for a port: $CORRAL_<NAME>_PORT, else Ray's or MLflow's usual one."""
     return int(os.environ.get(f"CORRAL_{name.upper()}_PORT", default))
@@ -139,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = train.add_parser("pretrain", help="pretrain on prepared data with Ray Train + DeepSpeed, tracked in MLflow")
     t.add_argument("--config", required=True, help="YAML with the pretrain step's config (corral.config.PretrainConfig)")
     t.set_defaults(func=cmd_train_pretrain)
+
+    from corral.plan import DEFAULT_MFU
+
+    pl = sub.add_parser("plan", help="per-step, per-accelerator memory, accelerators and step time of a pipeline spec")
+    pl.add_argument("spec", help="pipeline spec YAML, e.g. pipelines/specs/llama2-70b.yaml")
+    pl.add_argument("--json", action="store_true", help='print {"steps": [{"step", "per_accelerator_bytes", ...}]}')
+    pl.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model-FLOPs utilisation for step time")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a spec field, e.g. steps.pretrain.config.loop.micro_batch_size=8")
+    pl.set_defaults(func=cmd_plan)
 
     from pipelines.cli import add_commands as add_pipeline_commands  # argparse only; steps load lazily
 

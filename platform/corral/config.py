@@ -208,6 +208,8 @@ class TrainLoopConfig(BaseModel):
     log_every: int = Field(default=1, ge=1)
     seed: int = 0
     max_failures: int = Field(default=2, ge=0, description="worker deaths survived by restarting from a checkpoint")
+    export_shard_mb: int = Field(default=5120, gt=0, description="largest safetensors file of the exported model "
+                                 "(Hugging Face's default: 5 GB)")
 
 
 class PretrainConfig(BaseModel):
