@@ -273,6 +273,10 @@ def test_a_checkpoint_of_two_workers_continues_on_one_and_back_and_exports_for_t
     got = [v[0] for _, v in sorted(losses.items())]
     assert got[-1] < got[0] - 0.3, "the runs must train for the comparison to mean anything"
     assert got == pytest.approx(expected, abs=2e-3), (got, expected)
+    # each attempt sought to its position and read only its steps' rows: 4 steps x 4 sequences a step,
+    # split over the ranks of that attempt
+    assert tracking.metric_history(run_id, "data_rows_read_rank0") == [(4, 8.0), (8, 16.0), (12, 8.0)]
+    assert tracking.metric_history(run_id, "data_rows_read_rank1") == [(4, 8.0), (12, 8.0)]
 
     model_dir = Path(outputs["model"])
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
