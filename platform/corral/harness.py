@@ -23,6 +23,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401  lm-eval's own model types: its get_model adds them only to an empty registry
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
