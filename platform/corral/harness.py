@@ -52,7 +52,9 @@ class CorralLM(TemplateLM):
             raise ValueError(f"engine={engine!r}: this build evaluates on {', '.join(ENGINES)}; the vLLM engine "
                              "comes with serving at scale")
         path = resolve_model(pretrained)
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device is None or device.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's CLI says cuda
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._device = torch.device(device)
         # bf16 on accelerators (the paper-scale runs), fp32 on CPU (exact parity with the hf reference)
         dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self._device.type == "cuda" else torch.float32)
         self.model = load_model(path, dtype).to(self._device)

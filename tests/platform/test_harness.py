@@ -125,6 +125,7 @@ def test_humaneval_through_lm_eval_runs_in_the_sandbox(checkpoint):
     assert metrics["corral_humaneval/pass_at_1"] == 1.0
 
 
+@pytest.mark.slow  # lm-eval's command line indexes its ~15k built-in tasks first (~1 min here)
 def test_the_lm_eval_command_line_knows_corral(checkpoint, tmp_path):
     out = subprocess.run([sys.executable, "-m", "corral.harness", "--model", "corral", "--model_args",
                           f"pretrained={checkpoint['corral']}", "--tasks", "hellaswag_tiny", "--limit", "3",
