@@ -193,8 +193,14 @@ def run_tasks(model: str | CorralLM, tasks: list[str], num_fewshot: dict[str, in
         by_shots[shots.get(task)].append(task)
     merged: dict = {}
     for n, group in by_shots.items():
-        result = lm_eval.simple_evaluate(model=lm, tasks=group, num_fewshot=n, limit=limit, task_manager=manager,
-                                         log_samples=log_samples, confirm_run_unsafe_code=True)
+        try:
+            result = lm_eval.simple_evaluate(model=lm, tasks=group, num_fewshot=n, limit=limit, task_manager=manager,
+                                             log_samples=log_samples, confirm_run_unsafe_code=True)
+        except ConnectionError as e:  # datasets: not cached, and offline (or no network)
+            raise RuntimeError(f"the data of task(s) {', '.join(group)} is not in the local `datasets` cache ({e}); "
+                               "fetch it where the Hugging Face hub is reachable (HF_DATASETS_OFFLINE=0), or run "
+                               "corral's offline tasks (mmlu_tiny, hellaswag_tiny, gsm8k_tiny, corral_humaneval)"
+                               ) from None
         for key in ("results", "n-shot", "versions", "higher_is_better", "samples", "group_subtasks"):
             merged.setdefault(key, {}).update(result.get(key) or {})
     return merged
