@@ -61,6 +61,23 @@ def test_corral_scores_multiple_choice_as_lm_evals_hf_model_does(checkpoint):
     assert first["arguments"][0][0].count("\nAnswer:") == 3
 
 
+def test_rolling_loglikelihood_is_the_documents_log_probability(checkpoint, tokenizer):
+    """loglikelihood_rolling (perplexity tasks) on a short document: log p(text | BOS) from one
+    plain forward of the model, by hand; a long one is scored in windows of the context."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    texts = ["Now is the winter of our discontent", "To be, or not to be: that is the question. " * 40]
+    lm = CorralLM(str(checkpoint["corral"]))
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    short, long = lm.loglikelihood_rolling(requests)
+    ids = [tokenizer.bos_id] + tokenizer.encode(texts[0], bos=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(corral.load_model(checkpoint["corral"])(torch.tensor([ids]))[0], dim=-1)
+    assert short == pytest.approx(sum(logp[t - 1, ids[t]].item() for t in range(1, len(ids))), abs=1e-4)
+    assert len(tokenizer.encode(texts[1])) > 2 * lm.max_length and long < short < 0
+
+
 def test_greedy_generation_matches_hf_generate(checkpoint):
     """generate_until on the corral engine: the same greedy text as lm-eval's hf model (GSM8K format)."""
     gen = {"max_gen_toks": 12}
