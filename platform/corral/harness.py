@@ -46,8 +46,12 @@ class CorralLM(TemplateLM):
     as an lm-eval model: `lm_eval --model corral --model_args pretrained=PATH`."""
 
     def __init__(self, pretrained: str, batch_size: int | str = 16, device: str | None = None,
-                 dtype: str | None = None, engine: str = "corral", **_ignored):
+                 dtype: str | None = None, engine: str = "corral", max_batch_size: int | None = None,  # (unused)
+                 **unknown):
         super().__init__()
+        if unknown:
+            raise ValueError(f"unknown model_args for --model corral: {', '.join(unknown)}; it takes pretrained, "
+                             "batch_size, device, dtype and engine")
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: this build evaluates on {', '.join(ENGINES)}; the vLLM engine "
                              "comes with serving at scale")
@@ -56,8 +60,11 @@ class CorralLM(TemplateLM):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
         # bf16 on accelerators (the paper-scale runs), fp32 on CPU (exact parity with the hf reference)
-        dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self._device.type == "cuda" else torch.float32)
-        self.model = load_model(path, dtype).to(self._device)
+        if dtype in (None, "auto"):
+            dtype = "bfloat16" if self._device.type == "cuda" else "float32"
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={dtype!r}: choose float32, bfloat16, float16 or auto")
+        self.model = load_model(path, getattr(torch, dtype)).to(self._device)
         self.tokenizer_ = load_tokenizer(path)
         self.path = str(path)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> 16
