@@ -65,3 +65,14 @@ def test_an_unknown_preset_is_refused_before_anything_runs():
     raw = {"name": "x", "steps": {"evaluate": {"uses": "evaluate", "config": {"benchmarks": {"preset": "llama3"}}}}}
     with pytest.raises(SpecError, match=r"steps\.evaluate\.config\.benchmarks\.preset.*unknown preset 'llama3'"):
         validate_spec(raw)
+
+
+@pytest.mark.slow  # indexes lm-eval's ~15k built-in tasks (~40 s here)
+def test_the_paper_preset_names_tasks_lm_eval_knows():
+    from lm_eval.tasks import TaskManager
+
+    from corral.harness import TASKS_DIR
+    from corral.paper import BENCHMARK_PRESETS
+
+    known = TaskManager(include_path=str(TASKS_DIR)).all_tasks
+    assert set(BENCHMARK_PRESETS["llama2-paper"]) <= set(known)
