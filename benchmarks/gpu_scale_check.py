@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from functools import partial
 from pathlib import Path
 
@@ -42,9 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     from corral.config import DeepSpeedConfig, ModelConfig, OptimConfig, PretrainConfig
     from corral.model import Transformer, seeded_init
     from corral.plan import plan_step
-    from corral.train.losses import pretrain_loss
     from corral.train.strategy import DeepSpeedStrategy
-    from gpu_pretrain_check import flops_per_token, matmul_peak, sync
+    from gpu_pretrain_check import flops_per_token, matmul_peak, train_steps
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu for the smoke check")
@@ -56,18 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = strategy.prepare(strategy.build(partial(Transformer, config), partial(seeded_init, 0)))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    gen = torch.Generator().manual_seed(0)
-    times, losses = [], []
-    for _ in range(args.steps):
-        tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1), generator=gen)
-        sync(args.device)
-        t = time.perf_counter()
-        loss, _ = pretrain_loss(model, {"tokens": tokens.to(strategy.device)})
-        strategy.backward(loss)
-        strategy.step()
-        losses.append(loss.item())  # host-device sync: the step is done
-        times.append(time.perf_counter() - t)
-    tokens_per_s = args.batch * args.seq_len / statistics.median(times[min(3, len(times) - 1):])
+    tokens_per_s, losses = train_steps(strategy, model, config.vocab_size, args.batch, args.seq_len, args.steps,
+                                       args.device)
     peak = matmul_peak(args.device, 8192 if args.device == "cuda" else 1024)
 
     cfg = PretrainConfig(model=config.model_dump(), data_dir="unused", deepspeed=ds.model_dump(),
