@@ -87,7 +87,12 @@ def deploy(ckpt: Path, port: int, threads: int, engine: str) -> str:
     app["args"] = {"base": app["args"]["base"] | model}
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "chat"]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+    deadline = time.time() + 900  # vLLM's start-up (process spawns, profiling) takes minutes on 2 busy cores
+    while (status := serve.status().applications.get("corral")) is None or status.status != "RUNNING":
+        if (status is not None and status.status == "DEPLOY_FAILED") or time.time() > deadline:
+            raise RuntimeError(f"the {engine} application did not start: {status and status.message}")
+        time.sleep(2)
     return f"http://127.0.0.1:{port}/v1"
 
 
