@@ -41,6 +41,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def train_steps(strategy, model, vocab: int, batch: int, seq_len: int, steps: int, device: str) -> tuple[float, list]:
+    """Train `steps` steps on random tokens; (median tokens/s after the warm-up steps, losses)."""
+    import torch
+
+    from corral.train.losses import pretrain_loss
+
+    gen = torch.Generator().manual_seed(0)
+    times, losses = [], []
+    for _ in range(steps):
+        tokens = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen)
+        sync(device)
+        t = time.perf_counter()
+        loss, _ = pretrain_loss(model, {"tokens": tokens.to(strategy.device)})
+        strategy.backward(loss)
+        strategy.step()
+        losses.append(loss.item())  # host-device sync: the step is done
+        times.append(time.perf_counter() - t)
+    steady = times[min(3, len(times) - 1):]  # the first steps allocate and warm up kernels
+    return batch * seq_len / statistics.median(steady), losses
+
+
 def flops_per_token(config, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (parameters in matmuls) + attention scores (PaLM appendix B)."""
     matmul_params = config.num_params() - config.vocab_size * config.dim  # the embedding is a lookup
@@ -63,7 +84,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from corral.config import DeepSpeedConfig, ModelConfig, OptimConfig
     from corral.model import Transformer
-    from corral.train.losses import pretrain_loss
     from corral.train.strategy import DeepSpeedStrategy
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -73,19 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  OptimConfig(lr=3e-4, warmup_steps=max(1, args.steps // 10)),
                                  micro_batch_size=args.batch, max_steps=args.steps)
     model = strategy.prepare(Transformer(config).init_weights(seed=0))  # initialises torch.distributed
-    gen = torch.Generator().manual_seed(0)
-    times, losses = [], []
-    for step in range(args.steps):
-        tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1), generator=gen)
-        sync(args.device)
-        t = time.perf_counter()
-        loss, _ = pretrain_loss(model, {"tokens": tokens.to(strategy.device)})
-        strategy.backward(loss)
-        strategy.step()
-        losses.append(loss.item())  # host-device sync: the step is done
-        times.append(time.perf_counter() - t)
-    steady = times[min(3, len(times) - 1):]  # the first steps allocate and warm up kernels
-    tokens_per_s = args.batch * args.seq_len / statistics.median(steady)
+    tokens_per_s, losses = train_steps(strategy, model, config.vocab_size, args.batch, args.seq_len, args.steps,
+                                       args.device)
     peak = matmul_peak(args.device, 8192 if args.device == "cuda" else 1024)
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

@@ -2,7 +2,8 @@
 
 In one process, on the same machine and cores, with the same model shape, batch and optimizer:
   (a) the pretrain step through Ray Train + DeepSpeed (1 worker owning all cores, ZeRO-0, bf16;
-      and, for reference, 2 workers with ZeRO-3), tokens/s read from its MLflow metrics;
+      and, for reference, 2 workers with ZeRO-3, and 2 workers with ZeRO-3 plus activation
+      checkpointing: what the 7B-70B specs run), tokens/s read from its MLflow metrics;
   (b) a bare single-process PyTorch loop over corral's Transformer (bf16 autocast, AdamW);
   (c) the same bare loop over Hugging Face `LlamaForCausalLM` of the same config;
 plus model FLOPs utilisation against a bf16 matmul peak measured in the same run. Writes
@@ -69,7 +70,8 @@ def hf_llama(config):
     ))
 
 
-def platform_run(data_dir: str, out: Path, preset: str, batch: int, steps: int, workers: int, stage: int) -> float:
+def platform_run(data_dir: str, out: Path, preset: str, batch: int, steps: int, workers: int, stage: int,
+                 checkpointing: bool = False) -> float:
     """Median tokens/s of the pretrain step's steady-state steps, from its MLflow history."""
     from corral import tracking
     from pipelines.steps import pretrain
@@ -77,9 +79,11 @@ def platform_run(data_dir: str, out: Path, preset: str, batch: int, steps: int, 
     cfg = {"model": preset, "data_dir": data_dir, "output_dir": str(out),
            "loop": {"micro_batch_size": batch // workers, "max_steps": steps, "eval_every": 10_000,
                     "checkpoint_every": 10_000, "eval_batches": 1, "max_failures": 0},
-           "deepspeed": {"zero_stage": stage, "bf16": True}, "optim": {"warmup_steps": 2},
+           "deepspeed": {"zero_stage": stage, "bf16": True, "activation_checkpointing": checkpointing},
+           "optim": {"warmup_steps": 2},
            "resources": {"num_workers": workers, "cpus_per_worker": os.cpu_count() // workers},
-           "tracking": {"experiment": "benchmark-pretrain", "run_name": f"{workers}x-zero{stage}"}}
+           "tracking": {"experiment": "benchmark-pretrain",
+                        "run_name": f"{workers}x-zero{stage}" + ("-ckpt" if checkpointing else "")}}
     run_id = pretrain.run(cfg, {})["mlflow_run_id"]
     history = tracking.metric_history(run_id, "tokens_per_s")
     return statistics.median(v for s, v in history if 2 < s < steps)  # not warm-up, not the final step
@@ -91,7 +95,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--skip-zero3", action="store_true", help="skip the 2-worker ZeRO-3 reference run")
+    p.add_argument("--skip-zero3", action="store_true", help="skip the 2-worker ZeRO-3 reference runs")
     args = p.parse_args()
 
     import ray
@@ -118,6 +122,8 @@ def main() -> None:
     tps = {"a_platform_1x_zero0": platform_run(data, work / "a1", args.preset, args.batch, args.steps, 1, 0)}
     if not args.skip_zero3:
         tps["a_platform_2x_zero3"] = platform_run(data, work / "a2", args.preset, args.batch, args.steps, 2, 3)
+        tps["a_platform_2x_zero3_ckpt"] = platform_run(data, work / "a3", args.preset, args.batch, args.steps, 2, 3,
+                                                       checkpointing=True)
     torch.manual_seed(0)
     tps["b_bare_corral"] = bare_loop(Transformer(config).init_weights(seed=0), config.vocab_size, args.batch,
                                      args.seq_len, args.steps, hf=False)
@@ -135,6 +141,9 @@ def main() -> None:
     }
     if "a_platform_2x_zero3" in tps:
         result["ratios"]["zero3_2x_over_bare"] = round(tps["a_platform_2x_zero3"] / tps["b_bare_corral"], 3)
+        # the price of recomputing each block in backward (about one more forward: ~0.75 expected)
+        result["ratios"]["checkpointing_cost (zero3_ckpt / zero3)"] = round(
+            tps["a_platform_2x_zero3_ckpt"] / tps["a_platform_2x_zero3"], 3)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -15,8 +15,12 @@ def _load(args):
 
 
 def cmd_validate(args) -> None:
-    spec = _load(args)
+    from corral.plan import table
+
+    spec = _load(args)  # includes the memory check: every step fits its accelerators
     print(f"{args.spec}: valid; steps in order: {' -> '.join(spec.order())}")
+    if plans := spec.plan():
+        print(table(plans))
 
 
 def cmd_run(args) -> None:

@@ -9,8 +9,9 @@
       pretrain:  {uses: pretrain, needs: [data], config: {...}, resources: {num_workers: 2}}
 
 `load_spec` reports every problem at once, each with the step id and field path, before any
-cluster work starts: unknown step types, unknown or cyclic `needs`, bad config values, and
-(given the cluster's resources) requests no node can ever satisfy.
+cluster work starts: unknown step types, unknown or cyclic `needs`, bad config values,
+(given the cluster's resources) requests no node can ever satisfy, and then steps that do not
+fit their accelerators' memory (`corral.plan`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from corral.config import ResourcesConfig
+from corral.config import ModelConfig, ResourcesConfig
+from corral.plan import DEFAULT_MFU, StepPlan, plan_step
 from corral.stack import corral_home
 from pipelines.steps import STEP_TYPES, step_config_class
 
@@ -89,6 +91,23 @@ class PipelineSpec(BaseModel):
             raw.setdefault("tracking", {})["experiment"] = self.tracking.experiment
         return cls.model_validate(raw)
 
+    def step_model(self, step_id: str) -> ModelConfig | None:
+        """The model a step trains or runs: its config's `model`, else the spec's `defaults.model`."""
+        model = getattr(self.step_config(step_id), "model", None)
+        model = model if isinstance(model, (str, ModelConfig)) else self.defaults.get("model")
+        if model is None:
+            return None
+        return ModelConfig.preset(model) if isinstance(model, str) else ModelConfig.model_validate(model)
+
+    def plan(self, mfu: float = DEFAULT_MFU) -> list[StepPlan]:
+        """`corral.plan` for every step that trains or generates and whose model is known."""
+        plans = []
+        for sid in self.order():
+            model = self.step_model(sid)
+            if model is not None and (p := plan_step(sid, self.steps[sid].uses, self.step_config(sid), model, mfu)):
+                plans.append(p)
+        return plans
+
     def downstream(self, step_id: str) -> set[str]:
         """step_id and every step that needs it, directly or not."""
         out = {step_id}
@@ -119,12 +138,14 @@ def _loc(parts) -> str:
     return ".".join(str(p) for p in parts)
 
 
-def validate_spec(raw: Mapping, source: str = "spec",
-                  cluster_nodes: Sequence[Mapping[str, float]] | None = None) -> PipelineSpec:
+def validate_spec(raw: Mapping, source: str = "spec", cluster_nodes: Sequence[Mapping[str, float]] | None = None,
+                  check_memory: bool = True) -> PipelineSpec:
     """Validate a parsed spec; raise SpecError listing every problem.
 
     cluster_nodes: each node's resources (e.g. {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1});
     when given, steps whose per-worker request no node can ever satisfy are reported too.
+    check_memory: report steps that do not fit their accelerators (`corral plan` turns it off to
+    print the whole plan first).
     """
     problems: list[tuple[str, str]] = []
     try:
@@ -157,6 +178,14 @@ def validate_spec(raw: Mapping, source: str = "spec",
         if cluster_nodes is not None and not any(_fits(resources, node) for node in cluster_nodes):
             problems.append((f"steps.{sid}.resources", f"no node of the cluster can ever hold one worker "
                                                        f"({_describe(resources)})"))
+    if problems or not check_memory:
+        if problems:
+            raise SpecError(source, problems)
+        return spec
+    try:  # only a spec whose configs are valid can be planned
+        problems = [(f"steps.{p.step}", p.problem()) for p in spec.plan() if not p.fits]
+    except ValueError as e:  # e.g. an accelerator type the plan has no size for
+        problems = [("steps", str(e))]
     if problems:
         raise SpecError(source, problems)
     return spec
@@ -199,7 +228,7 @@ def expand_env(text: str) -> str:
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = (),
-              cluster_nodes: Sequence[Mapping[str, float]] | None = None) -> PipelineSpec:
+              cluster_nodes: Sequence[Mapping[str, float]] | None = None, check_memory: bool = True) -> PipelineSpec:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"pipeline spec {p} does not exist")
@@ -209,4 +238,4 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (),
         raise SpecError(str(p), [("yaml", str(e).replace("\n", " "))]) from None
     if not isinstance(raw, dict):
         raise SpecError(str(p), [("(top level)", "expected a mapping with name and steps")])
-    return validate_spec(apply_overrides(raw, overrides), str(p), cluster_nodes)
+    return validate_spec(apply_overrides(raw, overrides), str(p), cluster_nodes, check_memory)

@@ -2,13 +2,15 @@
 
 inputs: `model` (`config.model` wins); optionally `helpfulness_reward_model` and
 `safety_reward_model` (from reward steps, or the config); from a pipeline `output_dir`, `run_id`.
-outputs: `eval_table` (JSON), `eval_markdown`, `eval_samples` (every prompt, reply and verdict).
+outputs: `eval_table` (JSON), `eval_markdown`, `eval_samples` (every prompt, reply and verdict);
+with benchmarks, `eval_lm_eval` (lm-eval's results) and `eval_benchmarks` (beside the paper's).
 
 Measures: perplexity of the held-out answers; greedy replies to the held-out sets through the
 shared engine, scored by exact match per task family and by refusal rate on unsafe prompts and
 false-refusal rate on safe ones; the mean helpfulness and safety reward of those replies, and
-the share of replies to safe prompts that RLHF's safety gate would judge by safety; and
-each configured multiple-choice benchmark by the log-likelihood of its options.
+the share of replies to safe prompts that RLHF's safety gate would judge by safety; and the
+configured lm-eval tasks (`benchmarks`), each metric and its standard error as `task/metric`.
+With `resources.gpus_per_worker > 0` the benchmarks run as a Ray task on such an accelerator.
 """
 
 from __future__ import annotations
@@ -19,11 +21,10 @@ from pathlib import Path
 import torch
 
 from corral import load_model, load_reward_model, load_tokenizer, tracking
-from corral.config import EvaluateConfig
-from corral.data.formats import read_all, read_records
+from corral.config import BenchmarksConfig, EvaluateConfig, ResourcesConfig
+from corral.data.formats import read_all
 from corral.data.tasks import TaskSuite
-from corral.evaluate import (dialog_perplexity, generate_replies, multiple_choice, normalise, safety_rates,
-                             task_accuracy)
+from corral.evaluate import dialog_perplexity, generate_replies, normalise, safety_rates, task_accuracy
 from corral.rlhf.objectives import gate_rate
 from pipelines.steps.common import input_model, output_dir
 
@@ -50,17 +51,34 @@ def run(config: EvaluateConfig | dict, inputs: dict) -> dict:
             if kind == "safety":  # how often RLHF's gate would judge a reply to a safe prompt by safety
                 unsafe = torch.tensor([i.get("refuse") is True for i in items])
                 metrics["safety_gate_rate"] = gate_rate(torch.sigmoid(rewards), unsafe)
-    for bench in cfg.benchmarks:
-        scores = multiple_choice(model, tokenizer, read_records(bench.path, "multiple_choice"), bench.k_shot)
-        metrics |= {f"{bench.name}_{k}": v for k, v in scores.items()}
+    outputs = {}
+    if cfg.benchmarks is not None:
+        metrics |= benchmarks(path, cfg.benchmarks, cfg.resources, out / "eval")
+        outputs = {"eval_lm_eval": str(out / "eval" / "lm_eval.json"),
+                   "eval_benchmarks": str(out / "eval" / "benchmarks.md")}
 
-    outputs = write_tables(out, path, metrics, items, replies)
+    outputs |= write_tables(out, path, metrics, items, replies)
     with tracking.step_run(inputs, cfg.tracking.experiment, cfg.tracking.run_name or "evaluate", out) as run_id:
         tracking.log_params(run_id, {"model": str(path), "items": len(items)})
         tracking.log_metrics(run_id, metrics, step=0)
         tracking.log_artifacts(run_id, out / "eval", "eval")
     print(f"evaluate {path}:\n" + (out / "eval" / "eval.md").read_text())
+    if "eval_benchmarks" in outputs:
+        print(Path(outputs["eval_benchmarks"]).read_text())
     return outputs | {"mlflow_run_id": run_id}
+
+
+def benchmarks(path: Path, config: BenchmarksConfig, resources: ResourcesConfig, out: Path) -> dict[str, float]:
+    """lm-eval tasks here, or as a Ray task on the accelerator the step's resources name."""
+    from corral.harness import run_benchmarks
+
+    if resources.gpus_per_worker == 0:
+        return run_benchmarks(str(path), config, out)
+    import ray
+
+    task = ray.remote(run_benchmarks).options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker,
+                                              accelerator_type=resources.accelerator_type, max_retries=0)
+    return ray.get(task.remote(str(path), config, out))
 
 
 def eval_items(cfg: EvaluateConfig) -> list[dict]:

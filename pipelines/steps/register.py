@@ -1,19 +1,17 @@
 """Step: register the base and chat models in the MLflow Model Registry.
 
-Each model's corral checkpoint directory (and its Hugging Face export beside it) is logged as
-artifacts of this step's run and registered as a new version, tagged with the evaluation
-metrics. The new version gets the alias `candidate`; `champion` moves to it only when every
+Each model's checkpoint directory is logged once as artifacts of this step's run (corral's layout is
+Hugging Face's, so `transformers` and vLLM load a version as it is) and registered as a new
+version, tagged with the evaluation metrics. The new version gets the alias `candidate`; `champion` moves to it only when every
 gate passes. Serving loads `models:/NAME@champion` (or `@candidate`).
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from corral import tracking
-from corral.checkpoint import export_hf
 from corral.config import RegisterConfig
 
 
@@ -40,12 +38,9 @@ def run(config: RegisterConfig | dict, inputs: dict) -> dict:
         if upstream is None or "model" not in upstream:
             raise ValueError(f"register.models[{entry.name}]: step {entry.from_step!r} is not upstream "
                              f"or produced no `model`")
-        with tempfile.TemporaryDirectory() as tmp:
-            export_hf(upstream["model"], Path(tmp) / "hf")
-            tracking.log_artifacts(run_id, upstream["model"], f"models/{entry.name}")
-            tracking.log_artifacts(run_id, Path(tmp) / "hf", f"models/{entry.name}/hf")
+        tracking.log_artifacts(run_id, upstream["model"], f"models/{entry.name}")
         if not client.search_registered_models(f"name = '{entry.name}'"):
-            client.create_registered_model(entry.name, description="corral checkpoint directory (+ hf/ export)")
+            client.create_registered_model(entry.name, description="corral checkpoint (Hugging Face layout)")
         version = client.create_model_version(entry.name, f"{artifact_uri}/models/{entry.name}", run_id,
                                               tags={k: str(v) for k, v in metrics.items()})
         client.set_registered_model_alias(entry.name, "candidate", version.version)

@@ -89,6 +89,44 @@ def cmd_train_pretrain(args) -> None:
     print(f"pretrained model -> {outputs['model']} (MLflow run {outputs['mlflow_run_id']})")
 
 
+def cmd_plan(args) -> None:
+    from corral.plan import table
+    from pipelines.spec import load_spec  # the CLI is the composition root
+
+    plans = load_spec(args.spec, args.set, check_memory=False).plan(args.mfu)
+    if args.json:
+        print(json.dumps({"steps": [p.as_dict() for p in plans]}, indent=2))
+    else:
+        print(table(plans))
+    if problems := [p.problem() for p in plans if not p.fits]:
+        raise ValueError(f"{args.spec}: {len(problems)} step(s) do not fit\n  " + "\n  ".join(problems))
+
+
+def cmd_eval(args) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from corral.config import BenchmarksConfig
+    from corral.harness import run_benchmarks
+
+    shots = {}
+    for item in args.num_fewshot.split(",") if args.num_fewshot else []:
+        task, sep, n = item.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise ValueError(f"--num-fewshot {item!r}: expected TASK=N, e.g. mmlu=5,gsm8k=8")
+        shots[task.strip()] = int(n)
+    config = BenchmarksConfig(preset=args.preset, tasks=[t for t in (args.tasks or "").split(",") if t],
+                              num_fewshot=shots, include_path=args.include_path,
+                              limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit,
+                              batch_size=args.batch_size)
+    if not config.resolved()[0]:
+        raise ValueError("name the tasks to run: --tasks hellaswag,mmlu or --preset llama2-paper")
+    out = Path(args.output_dir or tempfile.mkdtemp(prefix="corral-eval-"))
+    run_benchmarks(args.model, config, out)
+    print((out / "benchmarks.md").read_text())
+    print(f"lm-eval's full results: {out / 'lm_eval.json'}")
+
+
 def port(name: str, default: int) -> int:
     """`corral up`'s default for a port: $CORRAL_<NAME>_PORT, else Ray's or MLflow's usual one."""
     return int(os.environ.get(f"CORRAL_{name.upper()}_PORT", default))
@@ -139,6 +177,28 @@ def build_parser() -> argparse.ArgumentParser:
     t = train.add_parser("pretrain", help="pretrain on prepared data with Ray Train + DeepSpeed, tracked in MLflow")
     t.add_argument("--config", required=True, help="YAML with the pretrain step's config (corral.config.PretrainConfig)")
     t.set_defaults(func=cmd_train_pretrain)
+
+    from corral.plan import DEFAULT_MFU
+
+    pl = sub.add_parser("plan", help="per-step, per-accelerator memory, accelerators and step time of a pipeline spec")
+    pl.add_argument("spec", help="pipeline spec YAML, e.g. pipelines/specs/llama2-70b.yaml")
+    pl.add_argument("--json", action="store_true", help='print {"steps": [{"step", "per_accelerator_bytes", ...}]}')
+    pl.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model-FLOPs utilisation for step time")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a spec field, e.g. steps.pretrain.config.loop.micro_batch_size=8")
+    pl.set_defaults(func=cmd_plan)
+
+    ev = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a model, beside the Llama 2 paper's numbers")
+    ev.add_argument("model", help="checkpoint directory (corral, Hugging Face or Meta) or models:/NAME@ALIAS")
+    ev.add_argument("--tasks", help="lm-eval tasks, comma-separated (e.g. hellaswag,mmlu); corral ships "
+                    "mmlu_tiny, hellaswag_tiny, gsm8k_tiny and corral_humaneval (offline)")
+    ev.add_argument("--preset", help="llama2-paper: the paper's benchmarks and shot counts")
+    ev.add_argument("--num-fewshot", help="shots per task, e.g. mmlu=5,gsm8k=8 (default: the preset's or the task's)")
+    ev.add_argument("--limit", type=float, help="documents per task (a fraction if < 1); default all")
+    ev.add_argument("--include-path", action="append", default=[], help="a directory of your own task YAMLs")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--output-dir", help="where lm_eval.json and benchmarks.md go (default: a new temp directory)")
+    ev.set_defaults(func=cmd_eval)
 
     from pipelines.cli import add_commands as add_pipeline_commands  # argparse only; steps load lazily
 

@@ -7,7 +7,9 @@ released checkpoints (Touvron et al. 2023, "Llama 2", table 1 and Meta's `params
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from corral.paper import BENCHMARK_PRESETS
 
 
 class ModelConfig(BaseModel):
@@ -199,6 +201,8 @@ class TrainLoopConfig(BaseModel):
     log_every: int = Field(default=1, ge=1)
     seed: int = 0
     max_failures: int = Field(default=2, ge=0, description="worker deaths survived by restarting from a checkpoint")
+    export_shard_mb: int = Field(default=5120, gt=0, description="largest safetensors file of the exported model "
+                                 "(Hugging Face's default: 5 GB)")
 
 
 class PretrainConfig(BaseModel):
@@ -282,14 +286,32 @@ class RewardConfig(BaseModel):
     tracking: TrackingConfig = TrackingConfig()
 
 
-class BenchmarkConfig(BaseModel):
-    """A multiple-choice benchmark file: {"question" | "context", "choices", "answer"} per line."""
+class BenchmarksConfig(BaseModel):
+    """lm-eval tasks to run: a preset's tasks and shots, plus or overridden by `tasks`/`num_fewshot`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    path: str
-    k_shot: int = Field(default=0, ge=0, description="leading items used as worked examples, not scored")
+    preset: str | None = Field(default=None, description="'llama2-paper': the paper's benchmarks and shots")
+    tasks: list[str] = Field(default=[], description="lm-eval task or group names, e.g. hellaswag, mmlu")
+    num_fewshot: dict[str, int] = Field(default={}, description="shots per task; unnamed = the preset's, else "
+                                                                "the task's own default")
+    limit: int | float | None = Field(default=None, gt=0, description="documents per task (a fraction if < 1); "
+                                                                     "None = all")
+    include_path: list[str] = Field(default=[], description="directories of your own task YAMLs")
+    batch_size: int = Field(default=16, ge=1, description="sequences per forward / engine slots")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str | None) -> str | None:
+        if preset is not None and preset not in BENCHMARK_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(BENCHMARK_PRESETS)}")
+        return preset
+
+    def resolved(self) -> tuple[list[str], dict[str, int]]:
+        """The tasks to run and their shots, the preset's first."""
+        shots = dict(BENCHMARK_PRESETS[self.preset]) if self.preset else {}
+        tasks = list(shots) + [t for t in self.tasks if t not in shots]
+        return tasks, shots | self.num_fewshot
 
 
 class EvaluateConfig(BaseModel):
@@ -302,7 +324,9 @@ class EvaluateConfig(BaseModel):
     safety_reward_model: str | None = Field(default=None, description="None = upstream, if any")
     eval_data: list[str] = Field(default=[], description="eval-format JSONL/Parquet; empty = the task suite")
     tasks: TaskSuiteConfig = TaskSuiteConfig(eval_size=40)  # eval_size: items per family
-    benchmarks: list[BenchmarkConfig] = []
+    benchmarks: BenchmarksConfig | None = Field(default=None, description="lm-eval tasks; None = none")
+    resources: ResourcesConfig = Field(default=ResourcesConfig(), description="where the benchmarks run: "
+                                       "gpus_per_worker > 0 puts them on an accelerator (bf16)")
     max_tokens: int = Field(default=32, gt=0, description="greedy tokens generated per reply")
     output_dir: str | None = Field(default=None, description="None = the pipeline's step directory")
     tracking: TrackingConfig = TrackingConfig()

@@ -364,11 +364,7 @@ class Engine:
         stopped = request.tokens[-1] in request.stop_ids
         if self.tokenizer is None:
             return "", "stop" if stopped else None
-        tokens = request.tokens[:-1] if stopped else request.tokens
-        anchor = request.prompt[-1:]  # decoding after the prompt's last token keeps a leading space
-        anchor_text = self.tokenizer.decode(anchor)
-        text = self.tokenizer.decode(anchor + tokens)
-        text = text[len(anchor_text):] if text.startswith(anchor_text) else self.tokenizer.decode(tokens)
+        text = decode_continuation(self.tokenizer, request.prompt, request.tokens[:-1] if stopped else request.tokens)
         if stopped:
             return text, "stop"
         for stop in request.params.stop:
@@ -494,6 +490,15 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int) -> li
     top_lp, top_ids = logp.topk(top_n, dim=-1) if top_n else (logp[:, :0], logp[:, :0].long())
     return [TokenLogprob(int(t), c, list(zip(ids, lps)))
             for t, c, ids, lps in zip(tokens.tolist(), chosen, top_ids.tolist(), top_lp.tolist())]
+
+
+def decode_continuation(tokenizer: Tokenizer, prompt: Sequence[int], tokens: Sequence[int]) -> str:
+    """The text of `tokens` generated after `prompt`. Decoding them after the prompt's last token
+    keeps a leading space (or an indent) that SentencePiece drops from a text's first piece."""
+    anchor = list(prompt[-1:])
+    anchor_text = tokenizer.decode(anchor)
+    text = tokenizer.decode(anchor + list(tokens))
+    return text[len(anchor_text):] if text.startswith(anchor_text) else tokenizer.decode(tokens)
 
 
 def _hold_back(text: str, stops: list[str]) -> str:

@@ -1,6 +1,6 @@
-"""Evaluation of any checkpoint: held-out perplexity, greedy generation on held-out sets (exact
-match per family, refusal and false-refusal rates), mean reward, and multiple-choice
-benchmarks scored by the log-likelihood of each option (the MMLU / HellaSwag protocol).
+"""Evaluation of any checkpoint on corral's own held-out sets: perplexity, greedy generation
+(exact match per family, refusal and false-refusal rates). The field's benchmarks (MMLU,
+HellaSwag, GSM8K, HumanEval, ...) run through lm-evaluation-harness: `corral.harness`.
 
 Generation goes through the shared engine (`corral.engine.Engine`), as RLHF and serving do.
 """
@@ -87,49 +87,3 @@ def dialog_perplexity(model: Transformer, tokenizer: Tokenizer, dialogs: Sequenc
     """Perplexity of the answers of finished dialogs, as the SFT loss counts them."""
     packed = pack([encode_dialog(tokenizer, d) for d in dialogs], model.config.max_seq_len)
     return perplexity(model, packed["input_ids"], packed["labels"], packed["positions"])
-
-
-# -- multiple choice ---------------------------------------------------------------------------
-
-def mc_prompt(item: dict) -> str:
-    """The question part of a multiple-choice item: `question` (MMLU) or `context` (HellaSwag)."""
-    return item.get("question", item.get("context", ""))
-
-
-@torch.no_grad()
-def option_logprobs(model: Transformer, tokenizer: Tokenizer, prefix: str,
-                    options: Sequence[str]) -> list[tuple[float, int]]:
-    """(sum of log-probabilities, token count) of each option continuing `prefix`."""
-    model.eval()
-    prefix_ids = tokenizer.encode(prefix, bos=True)
-    out = []
-    for option in options:
-        full = tokenizer.encode(f"{prefix} {option}", bos=True)
-        n = len(full) - len(prefix_ids)
-        if full[: len(prefix_ids)] != prefix_ids or n <= 0:
-            raise ValueError(f"option {option!r} does not tokenise as a continuation of its prompt")
-        full = full[-model.config.max_seq_len:]
-        logp = F.log_softmax(model(torch.tensor([full]))[0, :-1], dim=-1)  # (len-1, vocab)
-        targets = torch.tensor(full[1:])
-        token_logp = logp.gather(1, targets[:, None])[:, 0][-n:]
-        out.append((token_logp.sum().item(), n))
-    return out
-
-
-def multiple_choice(model: Transformer, tokenizer: Tokenizer, items: Sequence[dict], k_shot: int = 0) -> dict:
-    """Accuracy of picking the most likely option (`acc`) and the most likely per token (`acc_norm`).
-
-    Items: {"question" | "context": str, "choices": [str], "answer": int}. The first `k_shot` items
-    are the worked examples of every prompt ("Question: ... Answer: ...") and are not scored.
-    """
-    shots, scored = items[:k_shot], items[k_shot:]
-    if not scored:
-        raise ValueError(f"{len(items)} items leave none to score after {k_shot} shots")
-    header = "".join(f"Question: {mc_prompt(s)}\nAnswer: {s['choices'][s['answer']]}\n\n" for s in shots)
-    acc = acc_norm = 0
-    for item in scored:
-        prompt = f"{header}Question: {mc_prompt(item)}\nAnswer:"
-        scores = option_logprobs(model, tokenizer, prompt, item["choices"])
-        acc += max(range(len(scores)), key=lambda i: scores[i][0]) == item["answer"]
-        acc_norm += max(range(len(scores)), key=lambda i: scores[i][0] / scores[i][1]) == item["answer"]
-    return {"acc": acc / len(scored), "acc_norm": acc_norm / len(scored)}

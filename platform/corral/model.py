@@ -10,11 +10,13 @@ Hugging Face rotates halves instead and permutes wq/wk to match (see `checkpoint
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from corral.config import ModelConfig
 
@@ -202,6 +204,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    activation_checkpointing = False  # training sets it (DeepSpeedConfig.activation_checkpointing)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -214,21 +218,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def init_weights(self, seed: int | None = None) -> "Transformer":
-        """Seeded, at PyTorch's default scales: embeddings N(0, 1), each matrix U(+-1/sqrt(fan_in)), norms 1.
-
-        The tiny preset learns the task suite markedly faster from these than from GPT-2's N(0, 0.02)
-        (docs/design-notes.md, "Initialisation").
-        """
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if p.dim() == 1:
-                    p.fill_(1.0)
-                elif name == "tok_embeddings.weight":
-                    p.copy_(torch.randn(p.shape, generator=gen))
-                else:
-                    bound = p.shape[1] ** -0.5
-                    p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+        """Seeded initial weights (`seeded_init`)."""
+        fill_parameters(self, seeded_init(seed))
         return self
 
     def forward(self, tokens: torch.Tensor, layout: Layout | None = None,
@@ -253,9 +244,53 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, layout.mask, cache)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # keep only the block's input; backward runs the block again (non-reentrant: works
+                # with ZeRO-3's parameter hooks and with inputs that need no grad)
+                h = checkpoint(layer, h, cos, sin, layout.mask, cache, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, layout.mask, cache)
         if isinstance(layout.logits_at, str):  # "last"
             h = h[:, -1:]  # (bsz, 1, dim)
         elif layout.logits_at is not None:
             h = h[layout.logits_at]  # (n, dim)
         return self.output(self.norm(h)).float()
+
+
+# -- filling parameters ---------------------------------------------------------------------------
+WeightSource = Callable[[str, torch.Size], torch.Tensor]  # (name, shape) -> that parameter's values
+
+
+def seeded_init(seed: int | None) -> WeightSource:
+    """Initial weights at PyTorch's default scales: embeddings N(0, 1), each matrix
+    U(+-1/sqrt(fan_in)), norms 1; one generator drawn in parameter order, so the same seed gives
+    the same model however it is built.
+
+    The tiny preset learns the task suite markedly faster from these than from GPT-2's N(0, 0.02)
+    (docs/design-notes.md, "Initialisation").
+    """
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def init(name: str, shape: torch.Size) -> torch.Tensor:
+        if len(shape) == 1:
+            return torch.ones(shape)
+        if name == "tok_embeddings.weight":
+            return torch.randn(shape, generator=gen)
+        return (torch.rand(shape, generator=gen) * 2 - 1) * shape[1] ** -0.5
+
+    return init
+
+
+def flat_slice(weights: WeightSource, name: str, shape: torch.Size, start: int, end: int) -> torch.Tensor:
+    """Elements [start, end) of a parameter's flattened values: read alone where the source can
+    (a checkpoint's `WeightReader.slice`), else cut from the whole tensor."""
+    if hasattr(weights, "slice"):
+        return weights.slice(name, shape, start, end)
+    return weights(name, shape).flatten()[start:end]
+
+
+def fill_parameters(model: nn.Module, weights: WeightSource) -> None:
+    """Copy `weights(name, shape)` into every parameter, in order, one tensor at a time."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights(name, p.shape))

@@ -5,13 +5,13 @@ the answer. Training (`corral.train.reward`) uses the margin ranking loss of
 `corral.train.losses`.
 
 A reward checkpoint is a corral checkpoint directory whose `corral.json` says `"head": "reward"`;
-its `output.weight` is (1, dim). `load_reward_model(path)` gives the model that PPO, rejection
-sampling and evaluation score with.
+its `output.weight` is (1, dim), written as Hugging Face's `LlamaForSequenceClassification`
+`score.weight`. `load_reward_model(path)` gives the model that PPO, rejection sampling and
+evaluation score with.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from corral.checkpoint import (CORRAL_CONFIG, WEIGHTS_FILE, CheckpointError, load_model, load_tokenizer,
-                               save_model)
+from corral.checkpoint import CORRAL_CONFIG, CheckpointError, WeightReader, load_tokenizer, save_model
 from corral.config import ModelConfig
-from corral.model import Layout, Transformer
+from corral.model import Layout, Transformer, WeightSource, fill_parameters, flat_slice
 from corral.tokenizer import Tokenizer
 from corral.train.losses import RATINGS
 
@@ -80,11 +79,10 @@ class RewardModel(Transformer):
 
     @classmethod
     def from_lm(cls, lm: Transformer) -> "RewardModel":
-        """A reward model from a language model: every weight but the head, which starts at zero."""
+        """A reward model from an in-memory language model (`RewardInit`)."""
         rm = cls(lm.config)
-        state = {k: v for k, v in lm.state_dict().items() if k != "output.weight"}
-        rm.load_state_dict(state, strict=False)
-        nn.init.zeros_(rm.output.weight)  # all rewards start equal: the first steps see the plain margin loss
+        state = lm.state_dict()
+        fill_parameters(rm, RewardInit(lambda name, shape: state[name]))
         return rm
 
     # -- scoring -----------------------------------------------------------------------------
@@ -120,31 +118,43 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Ten
 
 
 def save_reward_model(model: RewardModel, out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
-    metadata = {"head": "reward", **(metadata or {})}
-    return save_model(model, out_dir, tokenizer=model.tokenizer, metadata=metadata)
+    return save_model(model, out_dir, tokenizer=model.tokenizer, metadata=metadata, head="reward")
+
+
+def reward_checkpoint(path: str | os.PathLike) -> WeightReader:
+    """The weights of a reward checkpoint written by the reward step; raises if it is not one."""
+    weights = WeightReader(path)
+    if weights.head != "reward":
+        raise CheckpointError(f"{path}: not a reward model (its {CORRAL_CONFIG} has no \"head\": \"reward\"); "
+                              f"train one with pipelines/steps/reward.py")
+    return weights
 
 
 def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> RewardModel:
     """A reward checkpoint written by the reward step, ready to `score(messages)`."""
-    p = Path(path)
-    info_file = p / CORRAL_CONFIG
-    if not info_file.is_file():
-        raise CheckpointError(f"{p}: no {CORRAL_CONFIG}; expected a reward model written by the reward step")
-    info = json.loads(info_file.read_text())
-    if info.get("head") != "reward":
-        raise CheckpointError(f"{info_file}: not a reward model (no \"head\": \"reward\"); "
-                              f"train one with pipelines/steps/reward.py")
-    from safetensors.torch import load_file
-
-    model = RewardModel(ModelConfig(**info["model"]))
-    state = load_file(p / WEIGHTS_FILE)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{p / WEIGHTS_FILE}: tensors missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tokenizer = load_tokenizer(p)
+    weights = reward_checkpoint(path)
+    model = RewardModel(weights.config)
+    weights.check(name for name, _ in model.named_parameters())
+    fill_parameters(model, weights)
+    model.tokenizer = load_tokenizer(path)
     return model.to(dtype).eval()
 
 
-def reward_model_from_checkpoint(path: str | os.PathLike) -> RewardModel:
-    """A fresh reward model initialised from any checkpoint `corral.load_model` reads (the SFT model)."""
-    return RewardModel.from_lm(load_model(path))
+class RewardInit:
+    """A language model's weights for a new reward model: every weight but the head, which starts
+    at zero (all rewards start equal: the first steps see the plain margin loss)."""
+
+    def __init__(self, lm: WeightSource):
+        self.lm = lm
+
+    def __call__(self, name: str, shape: torch.Size) -> torch.Tensor:
+        return torch.zeros(shape) if name == "output.weight" else self.lm(name, shape)
+
+    def slice(self, name: str, shape: torch.Size, start: int, end: int) -> torch.Tensor:
+        return torch.zeros(end - start) if name == "output.weight" else flat_slice(self.lm, name, shape, start, end)
+
+
+def reward_init(path: str | os.PathLike) -> WeightSource:
+    """A new reward model's weights from any checkpoint `corral.load_model` reads (the SFT model),
+    read tensor by tensor: the language model is never loaded as a model of its own."""
+    return RewardInit(WeightReader(path))

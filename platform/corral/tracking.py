@@ -139,16 +139,23 @@ def flatten(params: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+ELASTIC = ("resources.", "loop.micro_batch_size", "loop.max_steps", "max_steps_resolved", "deepspeed.grad_accum_steps")
+
+
 def log_params(run_id: str, params: Mapping) -> None:
     """Log a (nested) config as flattened params; keys already logged with the same value are skipped.
 
     MLflow params are immutable: a changed value raises, naming the keys, because a run that
-    resumes with a different config is a different run.
+    resumes with a different config is a different run. Only the keys of an elastic resume may
+    change (`ELASTIC`: more or fewer workers, the micro-batch that keeps the global batch, a
+    longer run); their new values become `resumed.<key>` tags of the run.
     """
     c = client()
     logged = c.get_run(run_id).data.params
     flat = flatten(params)
     changed = {k: (logged[k], v) for k, v in flat.items() if k in logged and logged[k] != v}
+    for key in [k for k in changed if k.startswith(ELASTIC)]:
+        c.set_tag(run_id, f"resumed.{key}", changed.pop(key)[1])
     if changed:
         detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
         raise ValueError(f"MLflow run {run_id} was logged with a different config ({detail}); "

@@ -198,6 +198,47 @@ def test_cluster_launcher_yaml_passes_rays_own_schema():
     assert all(t.get("min_workers", 0) == 0 for n, t in types.items() if n != doc["head_node_type"])
 
 
+BIG_SPECS = ["llama2-7b", "llama2-13b", "llama2-70b"]
+
+
+def test_every_pod_mounts_the_shared_file_system_at_the_specs_storage(raycluster):
+    from pipelines.spec import load_spec
+
+    claim = load("infra/k8s/storage.yaml")
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    spec = raycluster["spec"]
+    for group in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        assert volumes[mounts["/mnt/cluster_storage"]]["persistentVolumeClaim"]["claimName"] == \
+            claim["metadata"]["name"], group.get("groupName", "head")
+    launcher = load("infra/ray/cluster.yaml")
+    assert "-v /mnt/cluster_storage:/mnt/cluster_storage" in launcher["docker"]["run_options"]
+    assert any("mount -t lustre" in c and c.endswith(" /mnt/cluster_storage")
+               for c in launcher["initialization_commands"])
+    for name in BIG_SPECS:
+        spec = load_spec(REPO / f"pipelines/specs/{name}.yaml")
+        assert spec.storage.startswith("/mnt/cluster_storage/"), name
+
+
+def test_gpu_groups_hold_every_step_of_the_big_specs(raycluster):
+    """Each step's nodes (`corral plan`) fit its pool in the RayCluster and the cluster launcher."""
+    from corral.plan import GPUS_PER_NODE
+    from pipelines.spec import load_spec
+
+    groups = {g["rayStartParams"].get("labels", "").partition("=")[2]: g
+              for g in raycluster["spec"]["workerGroupSpecs"]}
+    launcher = load("infra/ray/cluster.yaml")["available_node_types"]
+    for name in BIG_SPECS:
+        for plan in load_spec(REPO / f"pipelines/specs/{name}.yaml").plan():
+            group = groups[plan.accelerator_type]
+            assert int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) \
+                == GPUS_PER_NODE
+            assert plan.nodes <= group["maxReplicas"], (name, plan.step, plan.nodes)
+            assert plan.nodes <= launcher[f"{plan.accelerator_type.lower()}_worker"]["max_workers"], (name, plan.step)
+
+
 def test_schemas_reject_a_broken_manifest(raycluster):
     broken = json.loads(json.dumps(raycluster))
     broken["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"

@@ -1,13 +1,10 @@
 """The evaluation measures on hand-made replies and a small real model (fast; no cluster)."""
 
-import json
-
 import pytest
 import torch
 
 from corral.config import ModelConfig
-from corral.data.formats import DataFormatError, read_records
-from corral.evaluate import generate_replies, multiple_choice, option_logprobs, safety_rates, task_accuracy
+from corral.evaluate import generate_replies, safety_rates, task_accuracy
 from corral.model import Transformer
 
 ITEMS = [
@@ -30,33 +27,6 @@ def test_exact_match_per_family_and_refusal_rates():
 CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=4096, multiple_of=16, max_seq_len=128)
 
 
-def test_option_loglikelihood_is_the_sum_over_the_option_tokens(tokenizer):
-    model = Transformer(CONFIG).init_weights(seed=0)
-    prefix, option = "Question: Who wrote Hamlet?\nAnswer:", "Shakespeare"
-    (logp, n), = option_logprobs(model, tokenizer, prefix, [option])
-    full = tokenizer.encode(f"{prefix} {option}", bos=True)
-    k = len(tokenizer.encode(prefix, bos=True))
-    assert n == len(full) - k
-    with torch.no_grad():
-        probs = torch.log_softmax(model(torch.tensor([full]))[0], -1)
-    assert logp == pytest.approx(sum(probs[i - 1, full[i]].item() for i in range(k, len(full))), rel=1e-5)
-
-
-def test_multiple_choice_picks_the_likeliest_option_with_k_shot_prompts(tokenizer):
-    model = Transformer(CONFIG).init_weights(seed=1)
-    items = [{"question": f"q{i}", "choices": ["alpha", "beta gamma", "delta"], "answer": i % 3} for i in range(8)]
-    header = "Question: q0\nAnswer: alpha\n\nQuestion: q1\nAnswer: beta gamma\n\n"
-    picks, picks_norm = [], []
-    for item in items[2:]:
-        scores = option_logprobs(model, tokenizer, f"{header}Question: {item['question']}\nAnswer:", item["choices"])
-        picks.append(max(range(3), key=lambda i: scores[i][0]) == item["answer"])
-        picks_norm.append(max(range(3), key=lambda i: scores[i][0] / scores[i][1]) == item["answer"])
-    result = multiple_choice(model, tokenizer, items, k_shot=2)
-    assert result == {"acc": sum(picks) / 6, "acc_norm": sum(picks_norm) / 6}
-    with pytest.raises(ValueError, match="none to score"):
-        multiple_choice(model, tokenizer, items[:2], k_shot=2)
-
-
 def test_generation_goes_through_the_shared_engine(tokenizer):
     from corral.engine import Engine, SamplingParams
 
@@ -66,14 +36,6 @@ def test_generation_goes_through_the_shared_engine(tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=2)
     expected = engine.generate([tokenizer.encode_chat(d) for d in dialogs], SamplingParams(temperature=0, max_tokens=6))
     assert replies == [tokenizer.decode([t for t in e if t != tokenizer.eos_id]) for e in expected]
-
-
-def test_bad_benchmark_records_are_named(tmp_path):
-    path = tmp_path / "mmlu.jsonl"
-    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}) + "\n"
-                    + json.dumps({"question": "q", "choices": ["a", "b"], "answer": 2}) + "\n")
-    with pytest.raises(DataFormatError, match=r"mmlu\.jsonl:2: .*answer 2 is not an index into 2 choices"):
-        read_records(path, "multiple_choice")
 
 
 @pytest.mark.parametrize("kind, mix_key", [("helpfulness", "safety_mix"), ("safety", "helpfulness_mix")])

@@ -6,12 +6,14 @@ a few dozen steps of the tiny preset; each costs 30-40 s, mostly Ray Train start
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +240,45 @@ def test_bad_data_fails_before_any_worker_starts(prepared, tmp_path):
     with pytest.raises(CorpusError, match="fewer than one global batch"):
         pretrain.run(too_big, {})
     assert not train_workers()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_two_workers_continues_on_one_and_back_and_exports_for_transformers(prepared, tmp_path):
+    """Elastic resume: 2 ZeRO-3 workers train to step 4, 1 worker continues to 8, 2 workers finish
+    at 12, each run picking up the last one's checkpoint. The global batch stays 4 sequences
+    (2 x 2, then 1 x 4), so the loss curve must be an uninterrupted 2-worker run's. The final
+    model, exported in shards by the 2 workers, gives transformers corral's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from corral import load_model
+    from pipelines.steps import pretrain
+
+    def cfg(out, max_steps, workers):
+        c = config(prepared, out, max_steps=max_steps, eval_every=100, checkpoint_every=4,
+                   micro_batch_size=4 // workers, export_shard_mb=4)
+        c["deepspeed"] = {"zero_stage": 3, "bf16": False}
+        c["optim"] = {"lr": 3e-3, "warmup_steps": 0, "schedule": "constant"}  # a schedule that ignores max_steps
+        c["resources"] = {"num_workers": workers}
+        return c
+
+    whole = pretrain.run(cfg(tmp_path / "whole", 12, 2), {})
+    expected = [v for _, v in tracking.metric_history(whole["mlflow_run_id"], "loss")]
+    for max_steps, workers in ((4, 2), (8, 1), (12, 2)):
+        outputs = pretrain.run(cfg(tmp_path / "elastic", max_steps, workers), {})
+    run_id = outputs["mlflow_run_id"]
+    assert [s for s, _ in tracking.metric_history(run_id, "resumed_from")] == [4, 8]
+    losses = losses_by_step(run_id)
+    assert sorted(losses) == list(range(1, 13)) and all(len(v) == 1 for v in losses.values())
+    got = [v[0] for _, v in sorted(losses.items())]
+    assert got[-1] < got[0] - 0.3, "the runs must train for the comparison to mean anything"
+    assert got == pytest.approx(expected, abs=2e-3), (got, expected)
+
+    model_dir = Path(outputs["model"])
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3  # 12 MB of fp32 in 4 MB shards
+    tokens = torch.randint(0, 4096, (2, 24))
+    with torch.no_grad():
+        ours = load_model(model_dir)(tokens)
+        theirs = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(tokens).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)

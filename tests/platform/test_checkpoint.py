@@ -134,3 +134,30 @@ def test_meta_shard_that_is_not_tensors_is_refused(tmp_path):
 def test_unknown_directory_says_what_it_expected(tmp_path):
     with pytest.raises(CheckpointError, match="params.json"):
         detect_format(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["corral-sharded", "hf", "meta-2-shards"])
+def test_a_rank_reads_any_flat_range_of_any_tensor_without_the_rest(layout, tmp_path):
+    """What a ZeRO-3 rank reads to fill its partition (`WeightReader.slice`): the same elements as
+    the whole tensor, across row and head boundaries, from every layout (Hugging Face's permuted
+    wq/wk rows and Meta's column-split shards included)."""
+    from corral.checkpoint import WeightReader, write_checkpoint
+
+    model = Transformer(GQA).init_weights(seed=4)
+    state = model.state_dict()
+    path = tmp_path / "ckpt"
+    if layout == "corral-sharded":
+        write_checkpoint(path, GQA, state.items(), shard_bytes=2**14)
+    elif layout == "hf":
+        hf_model(GQA, seed=4).save_pretrained(path)
+        state = load_model(path).state_dict()
+    else:
+        write_meta(state, GQA, path, 2)
+    reader = WeightReader(path)
+    gen = torch.Generator().manual_seed(0)
+    for name, whole in state.items():
+        n = whole.numel()
+        for start, end in [(0, n), (0, n // 3), (n // 3, n - 5), *(sorted(torch.randint(0, n + 1, (2,), generator=gen)
+                                                                   .tolist()) for _ in range(3))]:
+            got = reader.slice(name, whole.shape, start, end)
+            assert torch.equal(got, whole.flatten()[start:end]), (name, start, end)

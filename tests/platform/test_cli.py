@@ -24,7 +24,8 @@ def test_tokenizer_train_export_and_info(corpus, tmp_path):
                       corral.load_tokenizer(tmp_path / "tok"))
     r = corral_cli("export", "hf", tmp_path / "ckpt", tmp_path / "hf")
     assert r.returncode == 0, r.stderr
-    for path, fmt in [(tmp_path / "ckpt", "corral"), (tmp_path / "hf", "hf")]:
+    assert (tmp_path / "hf" / "config.json").is_file()  # corral's layout is Hugging Face's, plus corral.json
+    for path, fmt in [(tmp_path / "ckpt", "corral"), (tmp_path / "hf", "corral")]:
         r = corral_cli("info", path)
         assert r.returncode == 0, r.stderr
         info = json.loads(r.stdout)

@@ -3,14 +3,11 @@ lm-evaluation-harness scoring a served model exactly as it scores the exported o
 
 from __future__ import annotations
 
-import shutil
-
 import openai
 import pytest
 import torch
 
 import corral
-from tests.services.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -80,36 +77,39 @@ def test_chat_logprobs_streamed_or_not(client, registered_chat):
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.choices[0].message.content
 
 
-def test_lm_eval_scores_the_endpoint_as_it_scores_the_exported_model(serve_app, checkpoints, tmp_path):
+def test_lm_eval_scores_the_endpoint_as_it_scores_the_checkpoint(serve_app, checkpoints, tmp_path):
     """lm-evaluation-harness as the client (`local-completions`: echo + logprobs) against its own
-    Hugging Face backend on the exported weights: the same log-likelihood for every choice."""
+    Hugging Face model on the exported weights and the `corral` model type on the checkpoint, on
+    local tasks in MMLU's and HellaSwag's formats: the same log-likelihood for every choice and
+    the same accuracies."""
     import os
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    data = REPO / "tests/services/data"
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    shutil.copy(data / "mc.jsonl", tasks / "mc.jsonl")
-    (tasks / "corral_mc.yaml").write_text((data / "corral_mc.yaml").read_text().replace(
-        "DATA_FILE", str(tasks / "mc.jsonl")))
+    from corral.harness import TASKS_DIR
+
+    tasks = ["mmlu_tiny", "hellaswag_tiny"]
     hf = corral.export_hf(checkpoints.base, tmp_path / "hf")
 
     def evaluate(model: str, model_args: dict) -> dict:
-        results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["corral_mc"], log_samples=True,
-                                          task_manager=TaskManager(include_path=str(tasks)), batch_size=1)
-        samples = results["samples"]["corral_mc"]
-        return {"metrics": results["results"]["corral_mc"],
-                "loglikelihoods": [[r[0][0] for r in s["resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])]}
+        results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, log_samples=True,
+                                          task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
+                                          batch_size=1)
+        return {task: {"metrics": results["results"][task], "loglikelihoods": [
+            [r[0][0] for r in s["resps"]] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]}
+            for task in tasks}
 
     served = evaluate("local-completions", {"base_url": f"{serve_app.v1}/completions", "model": BASE,
                                             "tokenizer": str(hf), "tokenizer_backend": "huggingface",
                                             "add_bos_token": True, "max_retries": 1, "num_concurrent": 1})
     local = evaluate("hf", {"pretrained": str(hf), "dtype": "float32", "add_bos_token": True, "device": "cpu"})
-    assert len(served["loglikelihoods"]) == 24
-    for mine, theirs in zip(served["loglikelihoods"], local["loglikelihoods"]):
-        assert mine == pytest.approx(theirs, abs=1e-4)
-    for metric in ("acc,none", "acc_norm,none"):
-        assert served["metrics"][metric] == local["metrics"][metric], metric
+    mine = evaluate("corral", {"pretrained": str(checkpoints.base)})
+    for task in tasks:
+        assert len(served[task]["loglikelihoods"]) == 12
+        for other in (local, mine):
+            for a, b in zip(served[task]["loglikelihoods"], other[task]["loglikelihoods"]):
+                assert a == pytest.approx(b, abs=1e-4)
+            for metric in ("acc,none", "acc_norm,none"):
+                assert served[task]["metrics"][metric] == other[task]["metrics"][metric], (task, metric)

@@ -36,13 +36,11 @@ def chat_replicas() -> list[dict]:
             if a["ActorClassName"].startswith("ServeReplica:corral:chat") and a["State"] == "ALIVE"]
 
 
-def register(client, name: str, checkpoint: Path, with_hf: bool) -> str:
+def register(client, name: str, checkpoint: Path) -> str:
+    """As the register step does: the checkpoint directory, once (transformers and vLLM read it too)."""
     experiment = client.create_experiment(f"versions-{time.time_ns()}")
     run = client.create_run(experiment)
     client.log_artifacts(run.info.run_id, str(checkpoint), "model")
-    if with_hf:  # as the register step does: the Hugging Face export beside the checkpoint
-        client.log_artifacts(run.info.run_id, str(corral.export_hf(checkpoint, checkpoint.parent / "hf-export")),
-                             "model/hf")
     client.set_terminated(run.info.run_id)
     return client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id).version
 
@@ -59,7 +57,7 @@ def test_a_running_app_keeps_its_version_and_a_restarted_replica_fetches_nothing
     assert set(cached) == {version}
     inode = cached[version].stat().st_ino
 
-    newer = register(client, "corral-chat", checkpoints.base, with_hf=True)
+    newer = register(client, "corral-chat", checkpoints.base)
     client.set_registered_model_alias("corral-chat", "champion", newer)
     try:
         replica, = chat_replicas()
@@ -81,7 +79,7 @@ def test_a_running_app_keeps_its_version_and_a_restarted_replica_fetches_nothing
         client.set_registered_model_alias("corral-chat", "champion", version)
 
 
-def test_two_machines_worth_of_processes_fetch_a_version_once_without_its_hf_export(ray_cluster, checkpoints):
+def test_two_machines_worth_of_processes_fetch_a_version_once(ray_cluster, checkpoints):
     import mlflow
     import ray
 
@@ -90,11 +88,12 @@ def test_two_machines_worth_of_processes_fetch_a_version_once_without_its_hf_exp
     client = mlflow.MlflowClient()
     if not client.search_registered_models("name = 'corral-fetch'"):
         client.create_registered_model("corral-fetch")
-    version = register(client, "corral-fetch", checkpoints.chat, with_hf=True)
+    version = register(client, "corral-fetch", checkpoints.chat)
     fetch = ray.remote(num_cpus=0)(lambda: str(resolve_model(f"models:/corral-fetch/{version}")))
     paths = ray.get([fetch.remote() for _ in range(3)])  # three processes at once
     assert len(set(paths)) == 1
     root = versions_in_cache("corral-fetch")[version]
-    assert not (root / "model" / "hf").exists() and not list(root.rglob("config.json"))  # only what is served
+    fetched = sorted(p.relative_to(root / "model").as_posix() for p in (root / "model").rglob("*") if p.is_file())
+    assert fetched == sorted(p.name for p in checkpoints.chat.iterdir())  # the checkpoint, once
     assert corral.load_model(paths[0]).config == corral.load_model(checkpoints.chat).config
     assert (root / ".corral-source").read_text().startswith(f"models:/corral-fetch/{version}")

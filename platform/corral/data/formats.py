@@ -5,7 +5,6 @@
 - preferences: `{"prompt": str | messages, "chosen": str, "rejected": str, "rating": ..., "safety": bool}`.
 - rl_prompts: `{"prompt": str | messages, "safety": bool}`.
 - eval: `{"family": str, "messages": [...ending with user], "answer": str | null, "unsafe": bool | null}`.
-- multiple_choice: `{"question" | "context": str, "choices": [str, ...], "answer": int}` (MMLU / HellaSwag).
 
 Every record is checked when read; the first bad one raises `DataFormatError` naming the file, the
 line (the row, 1-based, for Parquet), the field and what was expected. Extra fields are allowed.
@@ -20,8 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral.tokenizer import chat_turns
 
@@ -90,24 +88,8 @@ class EvalRecord(_Record):
     unsafe: bool | None = None  # safety items: should the reply be a refusal?
 
 
-class MultipleChoiceRecord(_Record):
-    question: str | None = None  # MMLU
-    context: str | None = None  # HellaSwag
-    choices: list[str] = Field(min_length=2)
-    answer: int = Field(ge=0, description="index of the right choice")
-
-    @model_validator(mode="after")
-    def _check(self) -> "MultipleChoiceRecord":
-        if (self.question is None) == (self.context is None):
-            raise ValueError("give exactly one of 'question' (MMLU) or 'context' (HellaSwag)")
-        if self.answer >= len(self.choices):
-            raise ValueError(f"answer {self.answer} is not an index into {len(self.choices)} choices")
-        return self
-
-
 FORMATS: dict[str, type[_Record]] = {
     "sft": SFTRecord, "preferences": PreferenceRecord, "rl_prompts": RLPromptRecord, "eval": EvalRecord,
-    "multiple_choice": MultipleChoiceRecord,
 }
 
 

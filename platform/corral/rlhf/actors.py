@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from corral.checkpoint import load_model, load_tokenizer, save_model
+from corral.checkpoint import WeightReader, load_model, load_tokenizer, read_config, save_model
 from corral.config import DeepSpeedConfig, OptimConfig
 from corral.engine import Engine, SamplingParams
-from corral.model import Transformer
-from corral.reward import RewardModel, load_reward_model
+from corral.model import Transformer, WeightSource
+from corral.reward import RewardModel, load_reward_model, reward_checkpoint
 from corral.rlhf.config import RoleResources
 from corral.rlhf.objectives import entropy, gather_logprobs
 from corral.train.losses import approx_kl, policy_loss, sft_loss, value_loss
@@ -55,11 +56,13 @@ class _Role:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
 
-def _strategy(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimConfig, micro_batch_size: int) -> DeepSpeedStrategy:
+def _strategy(make_model: Callable[[], torch.nn.Module], weights: Callable[[], WeightSource], ds: DeepSpeedConfig,
+              optim: OptimConfig, micro_batch_size: int) -> DeepSpeedStrategy:
+    """A trained role's model, built and filled by the strategy (under ZeRO-3: born partitioned)."""
     _own_process_group()
     # max_steps only shapes a cosine schedule; RLHF runs a constant LR
     strategy = DeepSpeedStrategy(ds, optim, micro_batch_size=micro_batch_size, max_steps=1 << 30)
-    strategy.prepare(model)
+    strategy.prepare(strategy.build(make_model, weights))
     return strategy
 
 
@@ -69,10 +72,11 @@ class PolicyActor(_Role):
 
     def __init__(self, path: str, ds: DeepSpeedConfig, optim: OptimConfig, micro_batch_size: int):
         torch.manual_seed(0)
-        model = load_model(path)
+        config = read_config(path)
         self.tokenizer = load_tokenizer(path)
-        self.sampler = Transformer(model.config).eval()  # plain copy the engine runs, refreshed per phase
-        self.strategy = _strategy(model, ds, optim, micro_batch_size)
+        self.strategy = _strategy(partial(Transformer, config), partial(WeightReader, path), ds, optim,
+                                  micro_batch_size)
+        self.sampler = Transformer(config).eval()  # plain copy the engine runs, refreshed per phase
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         """Completion ids for every prompt. Gathers the ZeRO-3 shards once, then decodes without DeepSpeed."""
@@ -134,10 +138,9 @@ class CriticActor(_Role):
     """The value model: starts as the helpfulness reward model, trained on the PPO returns."""
 
     def __init__(self, reward_path: str, ds: DeepSpeedConfig, optim: OptimConfig, micro_batch_size: int):
-        rm = load_reward_model(reward_path)
-        critic = Critic(rm.config)
-        critic.load_state_dict(rm.state_dict())
-        self.strategy = _strategy(critic, ds, optim, micro_batch_size)
+        config = read_config(reward_path)
+        self.strategy = _strategy(partial(Critic, config), partial(reward_checkpoint, reward_path), ds, optim,
+                                  micro_batch_size)
 
     @torch.no_grad()
     def values(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,9 @@ import os
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from torch import nn
 from corral import tracking
 from corral.config import DeepSpeedConfig, OptimConfig, ResourcesConfig, TrainLoopConfig
 from corral.data import quiet_progress_bars
+from corral.model import WeightSource
 from corral.train.strategy import DeepSpeedStrategy
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
@@ -38,20 +41,23 @@ LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]
 class TrainJob:
     """One training run, as the driver hands it to every worker (pickled by Ray).
 
-    `build_model()` must give identical weights on every rank (seeded init or a loaded
-    checkpoint). `loss_fn(model, batch)` returns (loss, tokens it covers). `export(state, dir)`
-    runs on rank 0 at the end with the full fp32 state dict.
+    `build_model()` constructs the architecture (under ZeRO-3 inside `zero.Init`, so it must not
+    touch the weights); `weights()` gives their initial values where they are read (on rank 0 only
+    under ZeRO-3): a checkpoint's `WeightReader` or a `seeded_init` (see `DeepSpeedStrategy.build`). `loss_fn(model, batch)`
+    returns (loss, tokens it covers). `export(tensors, dir)` runs on rank 0 at the end with the
+    model's (name, tensor) pairs, which arrive one at a time as the ranks gather them.
     """
 
     name: str
     storage_path: str
     build_model: Callable[[], nn.Module]
+    weights: Callable[[], WeightSource]
     loss_fn: LossFn
     loop: TrainLoopConfig
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    export: Callable[[dict[str, torch.Tensor], Path], None] | None = None
+    export: Callable[[Iterator[tuple[str, torch.Tensor]], Path], None] | None = None
     export_dir: str | None = None
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
@@ -151,7 +157,12 @@ def train_worker(config: dict) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
     torch.manual_seed(loop.seed)
     strategy = DeepSpeedStrategy(job.deepspeed, job.optim, loop.micro_batch_size, loop.max_steps)
-    model = strategy.prepare(job.build_model())
+    checkpoint = ray.train.get_checkpoint()
+    opened = checkpoint.as_directory() if checkpoint is not None else nullcontext()
+    with opened as resume_dir:  # a restart's weights come from the checkpoint: none are read before
+        model = strategy.build(job.build_model, None if resume_dir else job.weights)
+        model = strategy.prepare(model, resume_from=resume_dir)
+        state = strategy.load(resume_dir) if resume_dir else None
     ctx = ray.train.get_context()
     train = ShardStream(ray.train.get_dataset_shard("train"), loop.micro_batch_size,
                         ctx.get_world_rank(), ctx.get_world_size())
@@ -159,9 +170,7 @@ def train_worker(config: dict) -> None:
     val_batches = ShardStream(ray.train.get_dataset_shard("validation"), loop.micro_batch_size,
                               ctx.get_world_rank(), ctx.get_world_size()).take(loop.eval_batches)
     progress = Progress()
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as d:
-            state = strategy.load(d)
+    if state is not None:
         train.load_state_dict(state["data"])
         progress.load_state_dict(state["progress"])
     resumed_from, t_start = progress.step, time.perf_counter()
@@ -200,9 +209,11 @@ def train_worker(config: dict) -> None:
 
     batches.close()
     if job.export is not None:
-        state = strategy.full_state_dict()  # collective: every rank takes part in the gather
+        tensors = strategy.gathered_parameters()  # collective: every rank takes part in each gather
         if strategy.is_rank0():
-            job.export(state, Path(job.export_dir))
+            job.export(tensors, Path(job.export_dir))
+        else:
+            deque(tensors, maxlen=0)
     strategy.barrier()
     if strategy.is_rank0():  # metrics an MLflow outage held back: sent before the worker exits
         tracking.flush()

@@ -3,31 +3,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from corral.checkpoint import save_model
-from corral.config import ModelConfig, PretrainConfig
+from corral.checkpoint import write_checkpoint
+from corral.config import DeepSpeedConfig, ModelConfig, PretrainConfig
 from corral.data.pretraining import CorpusError, load_packed, read_manifest
-from corral.model import Transformer
+from corral.model import Transformer, seeded_init
 from corral.tokenizer import Tokenizer
 from corral.train.loop import TrainJob
 from corral.train.losses import pretrain_loss
 
 
-def build_transformer(config: ModelConfig, seed: int) -> Transformer:
-    """The same initial weights on every rank: the init is seeded, not broadcast."""
-    return Transformer(config).init_weights(seed=seed)
+def export_model(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, config: ModelConfig, tokenizer_path: str,
+                 metadata: dict, dtype: torch.dtype, shard_bytes: int, head: str = "lm") -> None:
+    """Rank 0: the trained model, streamed in as the ranks gather it, as sharded safetensors in
+    the training dtype (`corral.checkpoint.write_checkpoint`), written atomically."""
+    write_checkpoint(out_dir, config, tensors, head=head, tokenizer=Tokenizer(tokenizer_path), metadata=metadata,
+                     dtype=dtype, shard_bytes=shard_bytes)
 
 
-def export_transformer(state: dict[str, torch.Tensor], out_dir: Path, config: ModelConfig, tokenizer_path: str,
-                       metadata: dict) -> None:
-    """Rank 0: the consolidated fp32 model in corral's format (safetensors), written atomically."""
-    model = Transformer(config)
-    model.load_state_dict(state)
-    save_model(model, out_dir, Tokenizer(tokenizer_path), metadata=metadata)
+def training_dtype(ds: DeepSpeedConfig) -> torch.dtype:
+    """What a stage's model is exported in: bf16 when it trained in bf16, else fp32."""
+    return torch.bfloat16 if ds.bf16 else torch.float32
 
 
 def check_data(cfg: PretrainConfig, data_dir: str | Path) -> dict:
@@ -55,10 +56,12 @@ def pretrain_job(cfg: PretrainConfig, data_dir: str | Path, out: Path) -> tuple[
     manifest = check_data(cfg, data_dir)
     job = TrainJob(
         name="pretrain", storage_path=str(out / "ray"),
-        build_model=partial(build_transformer, model, cfg.loop.seed),
+        build_model=partial(Transformer, model), weights=partial(seeded_init, cfg.loop.seed),
         loss_fn=pretrain_loss, loop=cfg.loop, deepspeed=cfg.deepspeed, optim=cfg.optim, resources=cfg.resources,
-        export=partial(export_transformer, config=model, tokenizer_path=str(Path(data_dir) / "tokenizer.model"),
-                       metadata={"stage": "pretrain", "tokenizer_sha256": manifest["tokenizer_sha256"]}),
+        export=partial(export_model, config=model, tokenizer_path=str(Path(data_dir) / "tokenizer.model"),
+                       metadata={"stage": "pretrain", "tokenizer_sha256": manifest["tokenizer_sha256"]},
+                       dtype=training_dtype(cfg.deepspeed),
+                       shard_bytes=cfg.loop.export_shard_mb * 2**20),
         export_dir=str(out / "model"), params={"data_dir": str(data_dir)},
     )
     return job, {split: load_packed(data_dir, split) for split in ("train", "validation")}

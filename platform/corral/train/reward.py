@@ -23,8 +23,9 @@ from corral.config import RewardConfig
 from corral.data.formats import held_out, prompt_messages, read_all
 from corral.data.sft import encode_dialog
 from corral.data.tasks import TaskSuite
-from corral.reward import RewardModel, pairwise_metrics, reward_model_from_checkpoint, save_reward_model
+from corral.reward import RewardModel, pairwise_metrics, reward_init
 from corral.train.loop import TrainJob, items_dataset, steps_for
+from corral.train.pretrain import export_model, training_dtype
 from corral.train.losses import MARGINS, reward_loss
 
 MAX_ANSWERS = 8  # answers in one row; a prompt compared across more answers takes several rows
@@ -67,10 +68,12 @@ def reward_job(cfg: RewardConfig, base: str | Path, out: Path) -> tuple[TrainJob
                                                                cfg.deepspeed)})
     job = TrainJob(
         name=f"reward-{cfg.kind}", storage_path=str(out / "ray"),
-        build_model=partial(reward_model_from_checkpoint, base), loss_fn=reward_loss, loop=loop,
-        deepspeed=cfg.deepspeed, optim=cfg.optim, resources=cfg.resources,
-        export=partial(export_reward_model, config=model_config, tokenizer_path=str(tokenizer.path),
-                       metadata={"stage": f"reward-{cfg.kind}", "base_model": str(base), "margin": cfg.margin}),
+        build_model=partial(RewardModel, model_config), weights=partial(reward_init, base), loss_fn=reward_loss,
+        loop=loop, deepspeed=cfg.deepspeed, optim=cfg.optim, resources=cfg.resources,
+        export=partial(export_model, config=model_config, tokenizer_path=str(tokenizer.path), head="reward",
+                       metadata={"stage": f"reward-{cfg.kind}", "base_model": str(base), "margin": cfg.margin},
+                       dtype=training_dtype(cfg.deepspeed),
+                       shard_bytes=cfg.loop.export_shard_mb * 2**20),
         export_dir=str(out / "model"), params={"base_model": str(base), "train_pairs": len(train),
                                                "train_rows": n_rows},
     )
@@ -142,16 +145,6 @@ def prompt_row(tokenizer, prompt: str | list, answers: list[str], max_len: int) 
         ids, branches = ids + dialog[shared:], branches + [k] * (len(dialog) - shared)
         ends.append(len(ids))
     return ids, branches, ends
-
-
-def export_reward_model(state: dict, out_dir: Path, config, tokenizer_path: str, metadata: dict) -> None:
-    """Rank 0: the consolidated reward model, with its tokenizer, in corral's format."""
-    from corral.tokenizer import Tokenizer
-
-    model = RewardModel(config)
-    model.load_state_dict(state)
-    model.tokenizer = Tokenizer(tokenizer_path)
-    save_reward_model(model, out_dir, metadata)
 
 
 def evaluate_pairs(model: RewardModel, records: list[dict]) -> dict[str, float]:

@@ -3,7 +3,7 @@
 Data: SFT JSONL/Parquet files, or the synthetic task suite. Dialogs are encoded with Meta's chat
 template (`corral.data.sft`: loss on the answers and their EOS only, Ghost Attention where
 marked), shuffled with the loop's seed, and packed whole into rows of the model's context. The
-loss is `corral.train.losses.sft_loss`; the model starts from any checkpoint `load_model` reads.
+loss is `corral.train.losses.sft_loss`; the model starts from any checkpoint `load_model` reads (read tensor by tensor).
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import random
 from functools import partial
 from pathlib import Path
 
-from corral.checkpoint import load_model, load_tokenizer, read_config
+from corral.checkpoint import WeightReader, load_tokenizer, read_config
 from corral.config import SFTConfig
 from corral.data.formats import held_out, read_all
 from corral.data.sft import encode_record, pack
 from corral.data.tasks import TaskSuite
 from corral.train.loop import TrainJob, items_dataset, steps_for
 from corral.train.losses import sft_loss
-from corral.train.pretrain import export_transformer
+from corral.model import Transformer
+from corral.train.pretrain import export_model, training_dtype
 
 
 def sft_records(cfg: SFTConfig) -> tuple[list[dict], list[dict]]:
@@ -47,10 +48,12 @@ def sft_job(cfg: SFTConfig, base: str | Path, out: Path) -> tuple[TrainJob, dict
     loop = cfg.loop.model_copy(update={"max_steps": steps_for(cfg.epochs, stats["train_rows"], cfg.loop,
                                                                cfg.resources, cfg.deepspeed)})
     job = TrainJob(
-        name="sft", storage_path=str(out / "ray"), build_model=partial(load_model, base), loss_fn=sft_loss,
+        name="sft", storage_path=str(out / "ray"), build_model=partial(Transformer, model_config),
+        weights=partial(WeightReader, base), loss_fn=sft_loss,
         loop=loop, deepspeed=cfg.deepspeed, optim=cfg.optim, resources=cfg.resources,
-        export=partial(export_transformer, config=model_config, tokenizer_path=str(tokenizer.path),
-                       metadata={"stage": "sft", "base_model": str(base)}),
+        export=partial(export_model, config=model_config, tokenizer_path=str(tokenizer.path),
+                       metadata={"stage": "sft", "base_model": str(base)}, dtype=training_dtype(cfg.deepspeed),
+                       shard_bytes=cfg.loop.export_shard_mb * 2**20),
         export_dir=str(out / "model"), params={"base_model": str(base), **stats},
     )
     print(f"sft: {len(train)} dialogs in {stats['train_rows']} rows of {seq_len} tokens "

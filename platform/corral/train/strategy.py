@@ -1,9 +1,10 @@
 """The DeepSpeed strategy: the one place in corral that calls `deepspeed.*` (OpenRLHF's pattern).
 
-Stage code builds a model, hands it to `DeepSpeedStrategy.prepare`, then only calls `forward`,
-`backward`, `step`, `save`, `load` and `full_state_dict`. ZeRO stage, bf16, CPU offload, gradient
-accumulation and clipping come from `DeepSpeedConfig`; nothing else changes between a 2-core CPU
-(gloo) and a GPU cluster (NCCL).
+Stage code has the strategy `build` its model (born partitioned under ZeRO-3, weights streamed
+in one tensor at a time), `prepare` it, then only calls `forward`, `backward`, `step`, `save`,
+`load` and `gathered_parameters`. ZeRO stage, bf16, CPU offload, activation checkpointing,
+gradient accumulation and clipping come from `DeepSpeedConfig`; nothing else changes between a
+2-core CPU (gloo) and a GPU cluster (NCCL).
 
 Checkpoints are DeepSpeed's own files (each rank writes its own shard). Loading them unpickles
 (`torch.load(weights_only=False)` inside DeepSpeed): acceptable only because they are files this
@@ -12,9 +13,12 @@ run wrote itself; never point `load` at a checkpoint from elsewhere.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import random
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +27,11 @@ import torch.distributed as dist
 from torch import nn
 
 from corral.config import DeepSpeedConfig, OptimConfig
+from corral.model import WeightSource, fill_parameters, flat_slice
 from corral.train.schedule import lr_lambda
 
 CHECKPOINT_TAG = "state"  # one tag per checkpoint directory: the directory itself is versioned by Ray
+STATE_FILE = "corral_state.json"  # the world size that wrote the shards, and the loop's client state
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -34,8 +40,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Decaying RMSNorm gains pulls them towards 0 and shrinks the residual stream; Llama 2, like
     GPT-2 and nanoGPT, decays only the 2-D weights.
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    def is_matrix(p: nn.Parameter) -> bool:  # a parameter born partitioned (zero.Init) keeps its shape in ds_shape
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    decay = [p for p in model.parameters() if p.requires_grad and is_matrix(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not is_matrix(p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -92,6 +101,7 @@ class DeepSpeedStrategy:
         self.ds, self.optim = ds, optim
         self.micro_batch_size, self.max_steps = micro_batch_size, max_steps
         self.engine = None
+        self.universal = False  # resuming from a checkpoint of another world size (see `load`)
         self._measured_grad_norm: torch.Tensor | None = None
 
     # -- process group ---------------------------------------------------------------------------
@@ -144,14 +154,49 @@ class DeepSpeedStrategy:
             "wall_clock_breakdown": False,
         }
 
-    # -- build -----------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Wrap `model` with AdamW (Llama 2 betas/eps/decay) and the warmup-cosine schedule."""
+    # -- build ---------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.ds.bf16 else torch.float32
+
+    def build(self, make_model: Callable[[], nn.Module], weights: Callable[[], WeightSource] | None) -> nn.Module:
+        """The model, constructed and filled so that no rank holds it whole under ZeRO-3.
+
+        ZeRO-3: `make_model` runs inside `deepspeed.zero.Init`, so each parameter is partitioned
+        (in the training dtype) as soon as its module exists, and each rank then fills its own
+        partition, reading only that share of each tensor from the checkpoint (`weights()`: a
+        `WeightReader`, or a seeded init, computed whole and cut). No gather, no broadcast: a
+        rank's memory is its partition plus one share of one tensor. Other stages: every rank
+        builds and fills the whole model. `weights=None` leaves the parameters as built (a
+        checkpoint is about to replace them).
+        """
+        import deepspeed
+
+        self.init_distributed()
+        if self.ds.zero_stage != 3:
+            model = make_model()
+            if weights is not None:
+                fill_parameters(model, weights())
+        else:
+            with deepspeed.zero.Init(config_dict_or_path=self.deepspeed_config(), dtype=self.dtype):
+                model = make_model()
+            if weights is not None:
+                fill_partitions(model, weights(), self.rank)
+        model.activation_checkpointing = self.ds.activation_checkpointing
+        return model
+
+    def prepare(self, model: nn.Module, resume_from: str | os.PathLike | None = None) -> nn.Module:
+        """Wrap `model` with AdamW (Llama 2 betas/eps/decay) and the warmup-cosine schedule.
+
+        `resume_from`: the checkpoint `load` will read. One written by another number of ranks is
+        loaded through DeepSpeed's universal checkpoint format (see `load`).
+        """
         import deepspeed
 
         self.init_distributed()
         if warning := slow_bf16_warning(self.ds.bf16, torch.cuda.is_available(), cpu_flags()):
             print(warning, file=sys.stderr, flush=True)
+        self.universal = resume_from is not None and saved_world_size(resume_from) != self.world_size
         o = self.optim
         groups = param_groups(model, o.weight_decay)
         if self.ds.offload_optimizer:
@@ -163,9 +208,9 @@ class DeepSpeedStrategy:
             # for a small model on a CPU (docs/design-notes.md).
             optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, self.max_steps))
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.deepspeed_config()
-        )
+        config = self.deepspeed_config() | ({"checkpoint": {"load_universal": True}} if self.universal else {})
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=config)
         return self.engine
 
     # -- one step --------------------------------------------------------------------------------
@@ -215,35 +260,107 @@ class DeepSpeedStrategy:
         if self.world_size > 1:
             dist.barrier()
 
-    # -- checkpoints -----------------------------------------------------------------------------
+    # -- checkpoints ---------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, client_state: dict) -> None:
         """Every rank writes its shard of model, optimizer and scheduler, plus its RNG states.
 
-        Collective. `client_state` (data position, step, ...) is stored with the model states.
+        Collective. `client_state` (data position, step, ...) goes into `corral_state.json` with
+        the world size that wrote the shards.
         """
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state=client_state)
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         torch.save(rng_state(), Path(directory) / f"rng_rank{self.rank}.pt")
+        if self.is_rank0():
+            state = {"world_size": self.world_size, "client_state": client_state}
+            (Path(directory) / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
     def load(self, directory: str | os.PathLike) -> dict:
-        """Restore model, optimizer, scheduler and this rank's RNG; returns the client state."""
-        path, client_state = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        """Restore model, optimizer, scheduler and RNG; returns the client state.
+
+        Collective. The same number of ranks reads its own shards. Another number (elastic
+        resume: 2 workers continue a run of 4) reads the checkpoint converted once to DeepSpeed's
+        universal format, whose per-parameter files any partitioning can slice; each rank then
+        takes the RNG of the rank with its index, or rank 0's.
+        """
+        directory = Path(directory)
+        source = self._universal(directory) if self.universal else directory
+        path, _ = self.engine.load_checkpoint(str(source), tag=CHECKPOINT_TAG,
+                                              load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r} in {directory}")
-        set_rng_state(torch.load(Path(directory) / f"rng_rank{self.rank}.pt", weights_only=True))
-        return client_state
+        if self.universal:
+            self._repair_universal_load()
+        rng = directory / f"rng_rank{self.rank}.pt"
+        set_rng_state(torch.load(rng if rng.is_file() else directory / "rng_rank0.pt", weights_only=True))
+        return json.loads((directory / STATE_FILE).read_text())["client_state"]
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model in fp32 (gathered from the ZeRO shards) on rank 0; None on other ranks.
+    def _repair_universal_load(self) -> None:
+        """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load (stage3.py,
+        `load_hp_checkpoint_state_from_checkpoint_dir_stage3`): it gives every param group group
+        0's hyperparameters, weight decay included (norm gains would start decaying), and one
+        shared `step` tensor, which the fused AdamW then advances once per group per step (a
+        wrong bias correction from the first step on). Found by comparing a resumed run with an
+        uninterrupted one."""
+        inner = self.engine.optimizer.optimizer
+        for group, decay in zip(inner.param_groups, (self.optim.weight_decay, 0.0), strict=True):
+            group["weight_decay"] = decay
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
-        Collective: every rank must call it.
+    def _universal(self, directory: Path) -> Path:
+        """`directory` in DeepSpeed's universal layout, converted by rank 0 on first use.
+
+        The conversion lands beside the shards (`universal/`), where every rank reads it: the
+        checkpoint directory must be on storage all workers share, as Ray Train's storage_path is.
+        """
+        from deepspeed.checkpoint import ds_to_universal
+
+        out = directory / "universal"
+        if self.is_rank0() and not (out / "done").is_file():
+            args = argparse.Namespace(input_folder=str(directory / CHECKPOINT_TAG),
+                                      output_folder=str(out / CHECKPOINT_TAG), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=False)
+            print(f"resuming on {self.world_size} ranks from a checkpoint of {saved_world_size(directory)}: "
+                  f"converting it to DeepSpeed's universal format in {out}", file=sys.stderr, flush=True)
+            ds_to_universal.main(args)
+            (out / "latest_universal").write_text(CHECKPOINT_TAG)
+            (out / "done").touch()
+        self.barrier()
+        return out
+
+    def gathered_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter whole, one at a time, as the optimizer keeps it (the fp32 master where
+        there is one); only rank 0 receives them.
+
+        Collective: every rank must drain it. A full model never exists on any rank, so a 70B
+        export needs one tensor of host memory, not 280 GB.
         """
         from deepspeed.utils import safe_get_full_fp32_param
 
-        state = {}
         for name, p in self.engine.module.named_parameters():
             full = safe_get_full_fp32_param(p)  # all-gather under ZeRO-3; None without a master copy
-            if full is None:
-                full = p.detach()
             if self.is_rank0():
-                state[name] = full.detach().float().cpu().clone()
+                yield name, (p if full is None else full).detach().cpu().clone()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model (`gathered_parameters`) on rank 0; None on other ranks. Collective."""
+        state = dict(self.gathered_parameters())
         return state if self.is_rank0() else None
+
+
+def fill_partitions(model: nn.Module, weights: WeightSource, rank: int) -> None:
+    """Fill this rank's ZeRO-3 partition of every parameter: elements [rank * n, (rank + 1) * n) of
+    the flattened tensor, n = its partition size (the last rank's is padded)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            part = p.ds_tensor
+            start = rank * part.numel()
+            end = min(start + part.numel(), p.ds_numel)
+            if end > start:
+                part[:end - start].copy_(flat_slice(weights, name, p.ds_shape, start, end))
+
+
+def saved_world_size(directory: str | os.PathLike) -> int:
+    """How many ranks wrote a checkpoint `DeepSpeedStrategy.save` made."""
+    return json.loads((Path(directory) / STATE_FILE).read_text())["world_size"]
