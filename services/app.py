@@ -2,9 +2,11 @@
 
     client --HTTP--> Serve proxy --> OpenAIServer (FastAPI ingress) --handle, streaming--> base | chat
 
-`ModelServer` wraps a continuous-batching `corral.engine.Engine`; every request streams its
-deltas back over a DeploymentHandle, and the ingress turns them into one JSON response or into
-Server-Sent Events. Replica counts, autoscaling, `max_ongoing_requests`, `max_queued_requests` and
+`ModelServer` wraps a continuous-batching engine, per model either corral's own
+(`corral.engine.Engine`, the CPU default) or vLLM's (`corral.vllm_engine.VllmEngine`: paged KV,
+prefix caching, tensor parallelism, for the GPU pools); every request streams its deltas back over
+a DeploymentHandle, and the ingress turns them into one JSON response or into Server-Sent Events.
+Both engines sit behind the same ingress, API keys, error bodies, limits, metrics and health. Replica counts, autoscaling, `max_ongoing_requests`, `max_queued_requests` and
 `accelerator_type` come from the Serve config file (services/configs/), never from this code.
 
 `build_app` is the config's `import_path` (services.app:build_app); its `args` are `AppArgs`.
@@ -21,7 +23,7 @@ from typing import Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -30,8 +32,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import corral
 from corral.engine import Engine, EngineError, SamplingParams, TokenLogprob
-from corral.registry import pin_version, resolve_model
+from corral.registry import model_cache, pin_version, resolve_model
 from corral.tokenizer import ChatFormatError
+from corral.vllm_engine import VllmArgs, VllmEngine, hf_export
 from services.api import (
     APIError, ChatCompletionRequest, CompletionRequest, Usage, chat_body, chat_chunk, completion_body,
     completion_choice, new_id, parse_request, sse,
@@ -50,11 +53,25 @@ class ModelArgs(BaseModel):
 
     model: str | None = Field(default=None, description="checkpoint path or models:/NAME@ALIAS; None = env var")
     served_name: str = Field(min_length=1, description="the `model` clients ask for")
-    max_batch_size: int = Field(default=32, ge=1, description="KV-cache slots: requests decoded together")
+    engine: Literal["corral", "vllm"] = Field(default="corral", description="corral's engine (CPU default) or "
+                                              "vLLM's (GPU pools; paged KV, tensor parallelism)")
+    max_batch_size: int = Field(default=32, ge=1, description="requests decoded together (KV-cache slots; "
+                                "vLLM's max_num_seqs)")
     dtype: Literal["float32", "bfloat16"] = "float32"
-    device: str = Field(default="auto", description="torch device; auto = cuda when the replica has a GPU")
-    batch_invariant: bool = Field(default=True, description="greedy tokens under load = alone (slower at batch 1)")
-    num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None = Ray's default")
+    device: str = Field(default="auto", description="corral engine: torch device; auto = cuda when the replica "
+                        "has a GPU")
+    batch_invariant: bool = Field(default=True, description="corral engine: greedy tokens under load = alone "
+                                  "(slower at batch 1)")
+    num_threads: int | None = Field(default=None, ge=1, description="corral engine: torch CPU threads; None = "
+                                    "Ray's default")
+    vllm: VllmArgs | None = Field(default=None, description="vLLM engine's own knobs (engine: vllm only)")
+
+    @model_validator(mode="after")
+    def _vllm_args_need_vllm(self) -> "ModelArgs":
+        if self.vllm is not None and self.engine != "vllm":
+            raise ValueError(f"{self.served_name}: `vllm` settings are given but engine is {self.engine!r}; "
+                             f"set engine: vllm or remove them")
+        return self
 
 
 class AppArgs(BaseModel):
@@ -101,19 +118,23 @@ def build_app(args: dict) -> serve.Application:
 class ModelServer:
     """One model behind a continuous-batching engine; `generate` streams a request's deltas."""
 
-    def __init__(self, model: str, served_name: str, chat: bool = False, max_batch_size: int = 32,
-                 dtype: str = "float32", device: str = "auto", batch_invariant: bool = True,
-                 num_threads: int | None = None):
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+    def __init__(self, model: str, served_name: str, chat: bool = False, engine: str = "corral",
+                 max_batch_size: int = 32, dtype: str = "float32", device: str = "auto", batch_invariant: bool = True,
+                 num_threads: int | None = None, vllm: dict | None = None):
         path = resolve_model(model)
         self.name, self.chat, self.source = served_name, chat, model
-        self.tokenizer = corral.load_tokenizer(path)
-        weights = corral.load_model(path, getattr(torch, dtype)).to(device)
-        self.engine = Engine(weights, self.tokenizer, max_batch_size, batch_invariant=batch_invariant)
-        self.engine.start()
+        self.tokenizer = corral.load_tokenizer(path)  # prompts and chat templates: corral's, for both engines
+        if engine == "vllm":
+            self.engine = VllmEngine(hf_export(path, model_cache()), max_batch_size, dtype,
+                                     VllmArgs.model_validate(vllm or {}))
+        else:
+            if num_threads:
+                torch.set_num_threads(num_threads)
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            weights = corral.load_model(path, getattr(torch, dtype)).to(device)
+            self.engine = Engine(weights, self.tokenizer, max_batch_size, batch_invariant=batch_invariant)
+            self.engine.start()
         self.metrics = _Metrics(served_name)
 
     def stats(self) -> dict[str, int]:

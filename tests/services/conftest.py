@@ -2,7 +2,8 @@
 
 Two applications from the one config file: `corral` as written (base from a checkpoint path,
 chat from the MLflow registry as models:/corral-chat@champion), and `limited` at /limited with
-an API key and a tiny request queue, for the auth and overload tests.
+an API key and a tiny request queue, for the auth and overload tests. Tests that run against
+both engines (`engine_app`) add a third, `vllm` at /vllm: the same models on `engine: vllm`.
 """
 
 from __future__ import annotations
@@ -70,24 +71,59 @@ def serve_config(base: Path, chat: str) -> dict:
 def serve_app(ray_cluster, checkpoints, registered_chat):
     """Serve's HTTP proxy on a free port with both applications RUNNING; shut down at the end."""
     from ray import serve
-    from ray.serve.schema import ServeDeploySchema
 
     port = free_port()
     config = serve_config(checkpoints.base, registered_chat)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # what `serve run CONFIG` / `serve deploy CONFIG` hand to the controller
+    deploy(config, timeout_s=180)
+    url = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=url, v1=f"{url}/v1", limited=f"{url}/limited/v1", serve=serve, config=config,
+                          app="corral")
+    serve.shutdown()
+
+
+def deploy(config: dict, timeout_s: float) -> None:
+    """Hand `config` to the Serve controller, as `serve deploy` does, and wait until all its
+    applications run (applications already running and unchanged stay as they are)."""
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
     serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
-    deadline = time.time() + 180
+    names = [app["name"] for app in config["applications"]]
+    deadline = time.time() + timeout_s
     while True:
         apps = serve.status().applications
-        states = {name: apps[name].status for name in ("corral", "limited") if name in apps}
-        if set(states.values()) == {"RUNNING"} and len(states) == 2:
-            break
+        states = {name: apps[name].status for name in names if name in apps}
+        if set(states.values()) == {"RUNNING"} and len(states) == len(names):
+            return
         failed = {n: apps[n].message for n, s in states.items() if s == "DEPLOY_FAILED"}
         if failed or time.time() > deadline:
             serve.shutdown()
             raise RuntimeError(f"Serve applications did not start: {failed or states}")
         time.sleep(1)
-    url = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(url=url, v1=f"{url}/v1", limited=f"{url}/limited/v1", serve=serve)
-    serve.shutdown()
+
+
+# the vLLM engine's test settings: a small KV cache on this shared machine, and no compile step at start-up
+VLLM_TEST_ARGS = {"kv_cache_memory_bytes": 64 << 20, "enforce_eager": True}
+
+
+@pytest.fixture(scope="session")
+def vllm_app(serve_app):
+    """The `corral` application's models on `engine: vllm`, as application `vllm` at /vllm."""
+    config = copy.deepcopy(serve_app.config)
+    app = copy.deepcopy(config["applications"][0])
+    app.update(name="vllm", route_prefix="/vllm")
+    for role in ("base", "chat"):
+        app["args"][role] |= {"engine": "vllm", "vllm": VLLM_TEST_ARGS}
+    config["applications"].append(app)
+    start = time.perf_counter()
+    deploy(config, timeout_s=900)  # vLLM's start-up on a loaded 2-core machine takes minutes
+    print(f"\nvLLM application start-up: {time.perf_counter() - start:.0f} s")
+    url = f"{serve_app.url}/vllm"
+    return SimpleNamespace(url=url, v1=f"{url}/v1", serve=serve_app.serve, app="vllm")
+
+
+@pytest.fixture(scope="module", params=["corral", "vllm"])
+def engine_app(request):
+    """The Serve application of each engine in turn: tests using it run against both."""
+    return request.getfixturevalue("serve_app" if request.param == "corral" else "vllm_app")

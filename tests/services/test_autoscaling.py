@@ -38,13 +38,17 @@ DRAIN_TOKENS = 1900  # per drain stream: ~20-30 s of decoding here
 
 def pools_config(base: str, chat: str, port: int) -> dict:
     """gpu-pools.yaml as shipped (accelerator types, autoscaling), shrunk to CPU replicas of tiny
-    models and to autoscaling delays of seconds, on 127.0.0.1."""
+    models on the corral engine and to autoscaling delays of seconds, on 127.0.0.1. Only its first
+    application: the 70B one needs a node of 8 GPUs; and the corral engine, not the shipped vLLM,
+    because every scale-up would pay vLLM's minute-long start-up (placement does not depend on it)."""
     config = yaml.safe_load((REPO / "services/configs/gpu-pools.yaml").read_text())
     config.update(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    config["applications"] = config["applications"][:1]
     app = config["applications"][0]
     app.pop("runtime_env", None)
     for role, path in (("base", base), ("chat", chat)):
-        app["args"][role].update(model=path, dtype="float32", max_batch_size=8)
+        app["args"][role].pop("vllm", None)
+        app["args"][role].update(model=path, dtype="float32", max_batch_size=8, engine="corral")
     for dep in app["deployments"]:
         options = dep["ray_actor_options"]
         options.pop("num_gpus", None)

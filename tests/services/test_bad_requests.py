@@ -1,4 +1,6 @@
-"""Every kind of bad request gets a 4xx with OpenAI's error body, never a 5xx, and the replicas stay healthy."""
+"""Every kind of bad request gets a 4xx with OpenAI's error body, never a 5xx, and the replicas stay
+healthy, on both engines (the `limited` app's auth cases run on the corral engine only: the
+ingress checks them before any engine)."""
 
 from __future__ import annotations
 
@@ -142,15 +144,23 @@ def good_request_completes(url: str) -> None:
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1, ok.text
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_request_gets_an_openai_error(serve_app, case):
+ENGINE_CASES = [("corral", c) for c in CASES] + [("vllm", c) for c in CASES if c[1] == "corral"]
+
+
+def app_of(request, engine: str):
+    return request.getfixturevalue("serve_app" if engine == "corral" else "vllm_app")
+
+
+@pytest.mark.parametrize("engine, case", ENGINE_CASES, ids=[f"{e}-{c[0]}" for e, c in ENGINE_CASES])
+def test_bad_request_gets_an_openai_error(request, engine, case):
     _, app, method, path, body, headers, status, code, param = case
-    root = serve_app.url + ("/limited" if app == "limited" else "")
+    url = app_of(request, engine).url
+    root = url + ("/limited" if app == "limited" else "")
     content = body if isinstance(body, bytes) else httpx.Request("POST", "/", json=body).content
     response = httpx.request(method, root + path, content=content, timeout=60,
                              headers={"Content-Type": "application/json", **headers})
     check_error(response, status, code, param)
-    good_request_completes(serve_app.url)
+    good_request_completes(url)
 
 
 def test_an_oversized_chunked_body_is_refused_before_it_is_read_whole(serve_app):
@@ -171,12 +181,14 @@ def test_there_are_at_least_50_kinds():
     assert len(CASES) >= 50 and len({c[0] for c in CASES}) == len(CASES)
 
 
-def test_replicas_stay_healthy_after_the_bad_requests(serve_app):
+@pytest.mark.parametrize("engine", ["corral", "vllm"])
+def test_replicas_stay_healthy_after_the_bad_requests(request, engine):
     """Runs after the table (pytest keeps file order): every model answers and holds no leaked slot."""
-    assert httpx.get(f"{serve_app.url}/health").status_code == 200
-    ok = httpx.post(f"{serve_app.v1}/completions", json=OK_C, timeout=60)
+    served = app_of(request, engine)
+    assert httpx.get(f"{served.url}/health").status_code == 200
+    ok = httpx.post(f"{served.v1}/completions", json=OK_C, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
-    assert httpx.post(f"{serve_app.v1}/chat/completions", json=OK_CHAT, timeout=60).status_code == 200
+    assert httpx.post(f"{served.v1}/chat/completions", json=OK_CHAT, timeout=60).status_code == 200
     for name in ("base", "chat"):
-        stats = serve_app.serve.get_deployment_handle(name, app_name="corral").stats.remote().result()
+        stats = served.serve.get_deployment_handle(name, app_name=served.app).stats.remote().result()
         assert stats["slots_used"] == 0 and stats["waiting"] == 0

@@ -15,8 +15,9 @@ BASE, CHAT = "corral-base", "corral-chat"
 
 
 @pytest.fixture(scope="module")
-def client(serve_app) -> openai.OpenAI:
-    return openai.OpenAI(base_url=serve_app.v1, api_key="unused", max_retries=0, timeout=120)
+def client(engine_app) -> openai.OpenAI:
+    """Each engine in turn (corral's, then vLLM's on the same models)."""
+    return openai.OpenAI(base_url=engine_app.v1, api_key="unused", max_retries=0, timeout=120)
 
 
 def reference_logprobs(path, ids: list[int]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The Serve app through the official `openai` client: completions and chat, streaming or not."""
+"""The Serve app through the official `openai` client: completions and chat, streaming or not, on
+both engines (corral's and vLLM's, the same models)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ BASE, CHAT = "corral-base", "corral-chat"
 
 
 @pytest.fixture(scope="module")
-def client(serve_app) -> openai.OpenAI:
-    return openai.OpenAI(base_url=serve_app.v1, api_key="unused", max_retries=0, timeout=60)
+def client(engine_app) -> openai.OpenAI:
+    return openai.OpenAI(base_url=engine_app.v1, api_key="unused", max_retries=0, timeout=60)
 
 
-def test_health_and_models(serve_app, client):
-    assert httpx.get(f"{serve_app.url}/health").json() == {"status": "ok"}
+def test_health_and_models(engine_app, client):
+    assert httpx.get(f"{engine_app.url}/health").json() == {"status": "ok"}
     assert sorted(m.id for m in client.models.list()) == [BASE, CHAT]
 
 
