@@ -46,6 +46,11 @@ split over their `gpus_per_role` accelerators.
 
 Step time: 6 N FLOPs a token (forward and backward; 8 N with checkpointing, which recomputes the
 forward) over the step's accelerators at their dense bf16 peak times `mfu`.
+
+Evaluation (the evaluate step's lm-eval benchmarks on accelerators): bf16 weights and the KV cache
+of `batch_size` sequences of EVAL_SEQ_TOKENS, both split over the step's accelerators (one GPU, or
+a tensor-parallel vLLM engine); its "step" is the whole run, 2 N FLOPs a token over the tokens
+the tasks process (BENCHMARK_TOKENS, estimates below).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from dataclasses import asdict, dataclass
 
 from pydantic import BaseModel
 
-from corral.config import DeepSpeedConfig, ModelConfig, PretrainConfig, RewardConfig, SFTConfig
+from corral.config import DeepSpeedConfig, EvaluateConfig, ModelConfig, PretrainConfig, RewardConfig, SFTConfig
 from corral.rlhf.config import PPOConfig, RejectionSamplingConfig
 
 GB = 1e9
@@ -180,6 +185,25 @@ def kv_cache_bytes(model: ModelConfig, tokens: int, e: int) -> int:
     return 2 * model.n_layers * model.kv_heads * model.head_dim * e * tokens
 
 
+# Tokens each task of the paper's preset runs through the model at its shots: documents in the
+# split lm-eval scores (the datasets' cards) x prompt (+ continuation) tokens, estimated with the
+# Llama 2 tokenizer's ~1.3 tokens a word. Multiple-choice continuations that share a prompt
+# (MMLU's letters) cost one forward; HellaSwag's and ARC's endings one each.
+BENCHMARK_TOKENS = {
+    "mmlu": 14_042 * 660,  # 5-shot prompts
+    "gsm8k": 1_319 * (9 * 150 + 256),  # 8 worked examples + the question, up to 256 generated
+    "corral_humaneval": 164 * (150 + 512),  # prompt + up to 512 generated
+    "hellaswag": 10_042 * 4 * 90,
+    "arc_easy": 2_376 * 4 * 40,
+    "arc_challenge": 1_172 * 4 * 45,
+    "winogrande": 1_267 * 2 * 40,
+    "piqa": 1_838 * 2 * 60,
+    "boolq": 3_270 * 2 * 150,
+}
+OTHER_TASK_TOKENS = 1_000_000  # a task not listed above
+EVAL_SEQ_TOKENS = 2048  # the longest request planned: GSM8K's 8-shot prompt and its answer
+
+
 def plan_step(step: str, uses: str, cfg: BaseModel, model: ModelConfig, mfu: float = DEFAULT_MFU) -> StepPlan | None:
     """The plan of one pipeline step; None for steps that train or generate nothing (tokenizer, data, ...)."""
     if isinstance(cfg, (PretrainConfig, SFTConfig, RewardConfig)):
@@ -204,7 +228,36 @@ def plan_step(step: str, uses: str, cfg: BaseModel, model: ModelConfig, mfu: flo
                      accelerators=roles * ranks, ranks=ranks, micro_batch=mb, seq_len=seq, lm_head=True,
                      generated_tokens=ENGINE_SEQUENCES * generated, tokens_per_step=None,
                      knob=_knob(ds, field, "resources.gpus_per_role"))
+    if isinstance(cfg, EvaluateConfig) and cfg.benchmarks is not None and cfg.resources.gpus_per_worker:
+        return _plan_evaluation(step, uses, cfg, model, mfu)
     return None
+
+
+def _plan_evaluation(step: str, uses: str, cfg: EvaluateConfig, model: ModelConfig, mfu: float) -> StepPlan:
+    """The evaluate step's benchmarks: bf16 weights + KV cache over its accelerators, and the run's time."""
+    res, bench = cfg.resources, cfg.benchmarks
+    accel = ACCELERATORS.get(res.accelerator_type) if res.accelerator_type else None
+    if res.accelerator_type and accel is None:
+        raise ValueError(f"step {step!r}: accelerator_type {res.accelerator_type!r} is not one corral.plan can size; "
+                         f"use one of {', '.join(ACCELERATORS)}")
+    accelerators = math.ceil(res.num_workers * res.gpus_per_worker)
+    weights = 2 * model.num_params() // accelerators
+    kv = kv_cache_bytes(model, bench.batch_size * min(EVAL_SEQ_TOKENS, model.max_seq_len), 2) // accelerators
+    tasks, _ = bench.resolved()
+    share = bench.limit if isinstance(bench.limit, float) else 1.0  # an int limit caps documents: ignored here
+    tokens = int(share * sum(BENCHMARK_TOKENS.get(t, OTHER_TASK_TOKENS) for t in tasks))
+    memory = accel.memory_bytes if accel else None
+    time = 2 * model.num_params() * tokens / (accelerators * accel.peak_bf16_flops * mfu) if accel else None
+    return StepPlan(
+        step=step, uses=uses, accelerator_type=res.accelerator_type if accel else None,
+        accelerators=accelerators if accel else 0, nodes=math.ceil(accelerators / GPUS_PER_NODE) if accel else 0,
+        micro_batch=bench.batch_size, seq_len=EVAL_SEQ_TOKENS, params_bytes=weights, grads_bytes=0,
+        optimizer_bytes=0, activations_bytes=0, activations_no_checkpointing_bytes=0,
+        activations_checkpointing_bytes=0, logits_bytes=0, kv_cache_bytes=kv, per_accelerator_bytes=weights + kv,
+        accelerator_memory_bytes=memory, fits=memory is None or weights + kv <= memory,
+        host_bytes_per_node=4 * largest_layer_params(model) * min(accelerators, GPUS_PER_NODE),
+        tokens_per_step=tokens, step_time_s=time, mfu=mfu,
+        knob="lower benchmarks.batch_size, or raise resources.gpus_per_worker (a tensor-parallel vLLM engine)")
 
 
 def _plan(step: str, uses: str, model: ModelConfig, ds: DeepSpeedConfig, mfu: float, *, accelerator_type: str | None,
@@ -266,6 +319,7 @@ def table(plans: list[StepPlan]) -> str:
                     f"{states:>9.1f}{p.activations_bytes / GB:>8.1f}{p.logits_bytes / GB:>8.1f}"
                     f"{p.kv_cache_bytes / GB:>7.1f}{p.per_accelerator_bytes / GB:>8.1f}{mem:>6}  "
                     f"{'yes' if p.fits else 'NO':<5}{t:>8}")
-    rows.append(f"GB per accelerator (1e9 bytes); step s: one optimizer step at {plans[0].mfu:.0%} MFU" if plans
+    rows.append(f"GB per accelerator (1e9 bytes); step s: one optimizer step (evaluate: the whole benchmark run) "
+                f"at {plans[0].mfu:.0%} MFU" if plans
                 else "no step trains or generates")
     return "\n".join(rows)

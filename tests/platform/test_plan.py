@@ -30,11 +30,25 @@ PLANNED = {"pretrain", "sft", "reward_helpful", "reward_safety", "rejection_samp
 @pytest.mark.parametrize("name", BIG)
 def test_every_step_of_the_big_specs_fits_80gb(name):
     plans = load_spec(SPECS / f"{name}.yaml").plan()
-    assert {p.step for p in plans} == PLANNED
+    assert {p.step for p in plans} == PLANNED | {"evaluate"}
     for p in plans:
         assert p.accelerator_memory_bytes == 80 * 10**9 and p.accelerator_type in ("A100", "H100")
         assert p.fits and 0 < p.per_accelerator_bytes <= p.accelerator_memory_bytes, p.step
-        assert p.activations_bytes == p.activations_checkpointing_bytes < p.activations_no_checkpointing_bytes
+        if p.step != "evaluate":
+            assert p.activations_bytes == p.activations_checkpointing_bytes < p.activations_no_checkpointing_bytes
+
+
+@pytest.mark.parametrize("name", BIG)
+def test_the_paper_benchmarks_are_planned_on_their_accelerators(name):
+    """The evaluate step: bf16 weights + KV cache over its GPUs, and the whole run's time."""
+    from corral.config import ModelConfig
+
+    evaluate, = [p for p in load_spec(SPECS / f"{name}.yaml").plan() if p.step == "evaluate"]
+    n = ModelConfig.preset(name).num_params()
+    assert evaluate.params_bytes == 2 * n // evaluate.accelerators  # bf16, split by tensor parallelism
+    assert evaluate.tokens_per_step > 10_000_000  # MMLU 5-shot alone is ~9M tokens
+    expected = 2 * n * evaluate.tokens_per_step / (evaluate.accelerators * 989e12 * 0.4)
+    assert evaluate.step_time_s == pytest.approx(expected) and 60 < evaluate.step_time_s < 3600
 
 
 @pytest.mark.parametrize("name", BIG)
@@ -127,6 +141,8 @@ def test_an_oversized_micro_batch_fails_validation_naming_the_step_and_the_knob(
     assert "lower loop.micro_batch_size" in message
     with pytest.raises(SpecError, match="'V100' is not one corral.plan can size"):
         load_spec(SPECS / "llama2-7b.yaml", ["steps.sft.resources.accelerator_type=V100"])
+    with pytest.raises(SpecError, match="lower benchmarks.batch_size"):
+        load_spec(SPECS / "llama2-13b.yaml", ["steps.evaluate.config.benchmarks.batch_size=64"])
     with pytest.raises(SpecError, match="set deepspeed.activation_checkpointing: true"):
         load_spec(SPECS / "llama2-70b.yaml", ["steps.pretrain.config.deepspeed.activation_checkpointing=false"])
 
@@ -135,7 +151,7 @@ def test_plan_json_shape_and_exit_code(capsys):
     assert main(["plan", str(SPECS / "llama2-70b.yaml"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert list(out) == ["steps"] and [s["step"] for s in out["steps"]] == [
-        "pretrain", "sft", "reward_helpful", "reward_safety", "rejection_sampling", "ppo"]
+        "pretrain", "sft", "reward_helpful", "reward_safety", "rejection_sampling", "ppo", "evaluate"]
     for s in out["steps"]:
         assert isinstance(s["per_accelerator_bytes"], int) and s["accelerator_memory_bytes"] == 80 * 10**9
         assert s["fits"] is True
@@ -155,12 +171,15 @@ def test_the_readmes_table_and_command_match_the_plan(tmp_path):
     assert set(rows) == {"7B", "13B", "70B"}
     for size, row in rows.items():
         plans = {p.step: p for p in load_spec(SPECS / f"llama2-{size.lower()}.yaml").plan()}
-        pre, sft, ppo = plans["pretrain"], plans["sft"], plans["ppo"]
+        pre, sft, ppo, ev = plans["pretrain"], plans["sft"], plans["ppo"], plans["evaluate"]
         peak = max(p.per_accelerator_bytes for p in plans.values())
+        gpus = f"{ev.accelerators} GPU" + ("s" if ev.accelerators > 1 else "")
         expected = [f"{pre.nodes} nodes, {pre.per_accelerator_bytes / 1e9:.1f} GB/GPU, {pre.step_time_s:.1f} s/step",
                     f"{sft.nodes} nodes, {sft.per_accelerator_bytes / 1e9:.1f} GB",
-                    f"{ppo.nodes} nodes, {ppo.per_accelerator_bytes / 1e9:.1f} GB", f"{peak / 1e9:.1f} of 80"]
-        assert [c.strip() for c in row.split("|")[:4]] == expected, size
+                    f"{ppo.nodes} nodes, {ppo.per_accelerator_bytes / 1e9:.1f} GB",
+                    f"{gpus}, {ev.per_accelerator_bytes / 1e9:.1f} GB, {ev.step_time_s / 60:.1f} min",
+                    f"{peak / 1e9:.1f} of 80"]
+        assert [c.strip() for c in row.split("|")[:5]] == expected, size
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done, _ = run_block(readme_blocks(readme)["plan"], env, SPECS.parents[1], capture=True, timeout=120)
     assert done.returncode == 0 and "pretrain" in done.stdout and "NO" not in done.stdout, done.stderr
