@@ -25,7 +25,7 @@ def run(config: PrepareDataConfig | dict, inputs: dict) -> dict:
     manifest = prepare_pretraining_data(cfg, out, tokenizer_path)
     splits = manifest["splits"]
     print(f"prepared {splits['train']['tokens']:,} train / {splits['validation']['tokens']:,} validation tokens "
-          f"-> {out}; skipped: {manifest['documents']}")
+          f"-> {out}; documents: {manifest['documents']}")
     if inputs.get("run_id"):
         tracking.log_metrics(inputs["run_id"], manifest_metrics(manifest), step=0)
         if manifest["pii"] is not None:
