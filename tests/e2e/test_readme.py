@@ -146,7 +146,7 @@ def test_the_registered_models_load_back(flow, tmp_path, monkeypatch):
                                                     tracking_uri=uri)
         model = corral.load_model(local)
         assert model.config.num_params() == corral.ModelConfig.preset("tiny").num_params()
-        assert (Path(local) / "hf" / "config.json").is_file()  # the Hugging Face export travels with it
+        assert (Path(local) / "config.json").is_file()  # the checkpoint is a Hugging Face directory too
 
 
 def test_a_stopped_job_gets_time_to_unwind(flow, tmp_path):
