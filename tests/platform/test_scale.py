@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,21 @@ from .test_train import free_master_port
 SMALL = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=64)
 # 322M parameters: 1.29 GB in fp32, large enough that a rank holding it whole shows in its memory
 LARGE = ModelConfig(dim=1024, n_layers=20, n_heads=16, vocab_size=32000, max_seq_len=512)
+
+
+def reset_peak_rss() -> int:
+    """Start a fresh resident-memory high-water mark for this process (Linux clear_refs 5) and
+    return the current RSS in bytes. Without the reset, a peak reached earlier (imports, building
+    the model) would hide the one being measured."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return peak_rss()
+
+
+def peak_rss() -> int:
+    """This process's resident-memory high-water mark (VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def strategy(zero_stage: int = 3, **ds):
@@ -99,7 +115,7 @@ def test_activation_checkpointing_under_zero3_trains_the_same(monkeypatch):
 
 
 PEAK_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, psutil, torch
+    import json, sys, torch
     from corral.config import ModelConfig
     from corral.model import Transformer
     from corral.train.losses import pretrain_loss
@@ -109,28 +125,27 @@ PEAK_SCRIPT = textwrap.dedent("""
     model = Transformer(config).init_weights(seed=0)
     model.activation_checkpointing = sys.argv[1] == "on"
     batch = {"tokens": torch.randint(0, 512, (1, 2049))}
-    before = psutil.Process().memory_info().rss // 1024  # KiB, as ru_maxrss
+    from tests.platform.test_scale import peak_rss, reset_peak_rss
+    before = reset_peak_rss()
     loss, _ = pretrain_loss(model, batch)
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"loss": loss.item(), "peak_increase_kib": peak - before}))
+    print(json.dumps({"loss": loss.item(), "peak_increase": peak_rss() - before}))
 """)
 
 
 def test_activation_checkpointing_lowers_peak_memory_on_a_long_sequence():
-    """One forward + backward over 2048 tokens through 16 blocks, each in a fresh process (ru_maxrss
-    is per process). A fixed mmap threshold makes glibc hand freed activations back to the system,
+    """One forward + backward over 2048 tokens through 16 blocks, each in a fresh process. A fixed mmap threshold makes glibc hand freed activations back to the system,
     so the resident peak is the live peak (its default threshold grows and keeps them)."""
     out = {}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for mode in ("off", "on"):
         proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, mode], capture_output=True, text=True, timeout=300,
-                              env=env)
+                              env=env, cwd=Path(__file__).parents[2])
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    ratio = out["on"]["peak_increase_kib"] / out["off"]["peak_increase_kib"]
-    print(f"\nactivation checkpointing: peak memory of forward+backward {out['on']['peak_increase_kib'] / 2**10:.0f} "
-          f"MiB vs {out['off']['peak_increase_kib'] / 2**10:.0f} MiB without (ratio {ratio:.2f})")
+    ratio = out["on"]["peak_increase"] / out["off"]["peak_increase"]
+    print(f"\nactivation checkpointing: peak memory of forward+backward {out['on']['peak_increase'] / 2**20:.0f} "
+          f"MiB vs {out['off']['peak_increase'] / 2**20:.0f} MiB without (ratio {ratio:.2f})")
     assert out["on"]["loss"] == pytest.approx(out["off"]["loss"], rel=1e-6)
     assert ratio < 0.4
 
@@ -157,9 +172,6 @@ def test_export_is_sharded_with_an_index_and_reads_back_everywhere(tmp_path, tok
 def build_and_measure(config: dict) -> None:
     """Ray Train worker: build the model from a checkpoint (ZeRO-3 with zero.Init, each rank reading
     its share; or every rank whole, as before) and record this process's peak RSS increase."""
-    import resource
-
-    import psutil
     import ray.train
 
     from corral.model import fill_parameters
@@ -167,13 +179,13 @@ def build_and_measure(config: dict) -> None:
 
     s = DeepSpeedStrategy(DeepSpeedConfig(zero_stage=3, bf16=False), OptimConfig(), micro_batch_size=1, max_steps=1)
     s.init_distributed()
-    before = psutil.Process().memory_info().rss
+    before = reset_peak_rss()
     if config["zero_init"]:
         model = s.build(partial(Transformer, LARGE), partial(WeightReader, config["checkpoint"]))
     else:
         model = Transformer(LARGE)
         fill_parameters(model, WeightReader(config["checkpoint"]))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes: Linux reports KiB
+    peak = peak_rss()
     held = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
     rank = ray.train.get_context().get_world_rank()
     result = {"rank": rank, "peak_increase": peak - before, "held_params": held}
