@@ -121,7 +121,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     from corral.train.losses import pretrain_loss
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = ModelConfig(dim=256, n_layers=16, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=2048)
+    config = ModelConfig(dim=256, n_layers=32, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=2048)
     model = Transformer(config).init_weights(seed=0)
     model.activation_checkpointing = sys.argv[1] == "on"
     batch = {"tokens": torch.randint(0, 512, (1, 2049))}
@@ -134,7 +134,7 @@ PEAK_SCRIPT = textwrap.dedent("""
 
 
 def test_activation_checkpointing_lowers_peak_memory_on_a_long_sequence():
-    """One forward + backward over 2048 tokens through 16 blocks, each in a fresh process. A fixed mmap threshold makes glibc hand freed activations back to the system,
+    """One forward + backward over 2048 tokens through 32 blocks, each in a fresh process. A fixed mmap threshold makes glibc hand freed activations back to the system,
     so the resident peak is the live peak (its default threshold grows and keeps them)."""
     out = {}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
