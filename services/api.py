@@ -200,6 +200,27 @@ class ChatCompletionRequest(_GenerationRequest):
         return super().sampling() | {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
 
+MAX_MODERATION_INPUTS = 64  # texts in one moderations request
+
+
+class ModerationRequest(BaseModel):
+    """OpenAI's moderations request: one text or a list, each judged as a user message."""
+
+    model_config = STRICT
+    input: str | list[str] = Field(description="text, or a list of texts, each judged on its own")
+    model: str | None = Field(default=None, description="the guard's served name; None = the served guard")
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, value):
+        texts = [value] if isinstance(value, str) else value
+        if not texts or len(texts) > MAX_MODERATION_INPUTS:
+            raise ValueError(f"give 1 to {MAX_MODERATION_INPUTS} texts, got {len(texts)}")
+        if any(not t.strip() for t in texts):
+            raise ValueError("texts to moderate must not be empty")
+        return texts
+
+
 # -- responses ----------------------------------------------------------------------------------------
 class Usage(BaseModel):
     prompt_tokens: int
@@ -274,3 +295,18 @@ def chat_chunk(rid: str, model: str, delta: dict | None, finish_reason: str | No
 def sse(data: dict | str) -> str:
     """One Server-Sent Event."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def category_key(name: str) -> str:
+    """A taxonomy name as a moderation category key, in OpenAI's style ("Theft and burglary" ->
+    "theft-and-burglary")."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def moderation_body(rid: str, model: str, verdicts: list[dict], categories: dict[str, str]) -> dict:
+    """OpenAI's moderation object: per input `flagged`, `categories` (bool) and `category_scores`."""
+    results = [{"flagged": v["flagged"],
+                "categories": {category_key(name): code in v["categories"] for code, name in categories.items()},
+                "category_scores": {category_key(name): v["category_scores"][code] for code, name in categories.items()}}
+               for v in verdicts]
+    return {"id": rid, "model": model, "results": results}

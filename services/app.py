@@ -17,7 +17,8 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
 import torch
@@ -32,12 +33,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import corral
 from corral.engine import Engine, EngineError, SamplingParams, TokenLogprob
+from corral.guard import Guard
 from corral.registry import model_cache, pin_version, resolve_model
 from corral.tokenizer import ChatFormatError
 from corral.vllm_engine import VllmArgs, VllmEngine, hf_export
 from services.api import (
-    APIError, ChatCompletionRequest, CompletionRequest, Usage, chat_body, chat_chunk, completion_body,
-    completion_choice, new_id, parse_request, sse,
+    APIError, ChatCompletionRequest, CompletionRequest, ModerationRequest, Usage, chat_body, chat_chunk,
+    completion_body, completion_choice, moderation_body, new_id, parse_request, sse,
 )
 
 RETRY_AFTER_S = 1  # what an overloaded deployment asks clients to wait
@@ -74,6 +76,30 @@ class ModelArgs(BaseModel):
         return self
 
 
+Policy = Literal["block", "flag", "off"]
+
+
+class GuardArgs(BaseModel):
+    """A safety classifier (`corral.guard`, trained by the pipeline's guard step) in front of the
+    chat model, and what to do with what it flags, per direction: `block` answers with `refusal`
+    (finish_reason `content_filter`), `flag` serves the reply and reports the verdict in the
+    response's `guard` field, `off` does not ask. It also answers `/v1/moderations`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="guard checkpoint or models:/NAME@ALIAS; None = env var")
+    served_name: str = Field(default="corral-guard", min_length=1, description="the model /v1/moderations names")
+    input: Policy = Field(default="block", description="prompts, judged before generation")
+    output: Policy = Field(default="block", description="replies, judged as they stream")
+    refusal: str = Field(default="I'm sorry, but I can't help with that.", min_length=1,
+                         description="the reply in place of a blocked one")
+    screen_every: int = Field(default=16, ge=1, description="output: the reply is judged every this many streamed "
+                              "deltas (about a token each) and at its end; deltas reach the client only once judged")
+    threshold: float = Field(default=0.5, gt=0, lt=1, description="flagged when P(unsafe) is at least this")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    log_content: bool = Field(default=False, description="log the text of blocked requests (default: categories only)")
+
+
 class AppArgs(BaseModel):
     """The `args` of the Serve config's application."""
 
@@ -81,20 +107,21 @@ class AppArgs(BaseModel):
 
     base: ModelArgs | None = None
     chat: ModelArgs | None = None
+    guard: GuardArgs | None = Field(default=None, description="screens the chat model's prompts and replies")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = CORRAL_API_KEYS or none")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="larger request bodies get a 413")
     request_timeout_s: float = Field(default=600, gt=0, description="a request still generating after this "
                                      "gets a 408 (a stream ends with an error event)")
 
 
-MODEL_ENV = {"base": "CORRAL_BASE_MODEL", "chat": "CORRAL_CHAT_MODEL"}
+MODEL_ENV = {"base": "CORRAL_BASE_MODEL", "chat": "CORRAL_CHAT_MODEL", "guard": "CORRAL_GUARD_MODEL"}
 
 
 def build_app(args: dict) -> serve.Application:
     """The Serve application from the config's `args`; a model's path may come from its env var."""
     config = AppArgs.model_validate(args)
     handles = {}
-    for role in ("base", "chat"):
+    for role in ("base", "chat", "guard"):
         model_args = getattr(config, role)
         if model_args is None:
             continue
@@ -105,12 +132,18 @@ def build_app(args: dict) -> serve.Application:
         pinned = pin_version(source)  # every replica of this deployment serves this one version
         if pinned != source:
             log.info("corral: %s model %s is %s", role, source, pinned)
+        if role == "guard":
+            bound = GuardServer.options(name=role).bind(pinned, model_args.threshold, model_args.dtype)
+            handles[role] = (bound, model_args.served_name, pinned, model_args.model_dump())
+            continue
         bound_args = model_args.model_dump() | {"model": pinned, "chat": role == "chat"}
         handles[role] = (ModelServer.options(name=role).bind(**bound_args), model_args.served_name, pinned)
-    if not handles:
+    if "base" not in handles and "chat" not in handles:
         raise ValueError("the Serve config's args name no model: give args.base and/or args.chat")
+    if "guard" in handles and "chat" not in handles:
+        raise ValueError("args.guard screens the chat model, but args.chat is not given")
     return OpenAIServer.bind(handles.get("base"), handles.get("chat"), config.api_keys, config.max_body_bytes,
-                             config.request_timeout_s)
+                             config.request_timeout_s, handles.get("guard"))
 
 
 # -- the model server ------------------------------------------------------------------------------------
@@ -216,6 +249,27 @@ class ModelServer:
                                 f"and max_tokens asks for {max_tokens}; shorten the {param} or lower max_tokens",
                            param="max_tokens" if len(prompt) < context else param, code="context_length_exceeded")
         return prompt, SamplingParams(max_tokens=max_tokens, **request["sampling"])
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class GuardServer:
+    """The safety classifier; concurrent requests' conversations are judged in one batch."""
+
+    def __init__(self, model: str, threshold: float = 0.5, dtype: str = "float32"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.guard = Guard(resolve_model(model), getattr(torch, dtype), device, threshold)
+
+    def categories(self) -> dict[str, str]:
+        return self.guard.categories
+
+    def health(self) -> str | None:
+        return None
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def assess(self, conversations: list[list[dict]]) -> list[dict]:
+        """A verdict (`corral.guard.Verdict` as a dict) on the last message of each conversation."""
+        verdicts = await asyncio.to_thread(self.guard.assess, conversations)  # off the replica's event loop
+        return [v.to_dict() for v in verdicts]
 
 
 class _Metrics:
@@ -369,6 +423,77 @@ def _sse_response(first: dict, stream, chunk, timeout_s: float, usage_chunk=None
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+class _Ended:
+    """A model stream with nothing more to say (a blocked prompt's answer is all in its first item)."""
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Screened:
+    """A model's delta stream, released only after the guard has judged the reply so far.
+
+    Deltas are held back `every` at a time (and at the end); the guard judges the whole reply up to
+    them, and they are released if it passes. If it blocks, the generation is cancelled and the last
+    item says so: no text, finish_reason `content_filter`, the verdict under `guard`. Errors pass
+    straight through.
+    """
+
+    def __init__(self, first: dict, stream, judge: Callable[[str], Awaitable[dict | None]], every: int):
+        self.stream, self.judge, self.every = stream, judge, every
+        self.held, self.ready, self.text, self.ended = [first], deque(), "", False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        while not self.ready:
+            if self.ended and not self.held:
+                raise StopAsyncIteration
+            await self._judge_next()
+        return self.ready.popleft()
+
+    def cancel(self) -> None:
+        self.stream.cancel()
+
+    async def _judge_next(self) -> None:
+        held, self.held = self.held, []
+        while not self.ended and len(held) < self.every and (not held or held[-1]["finish_reason"] is None):
+            try:
+                item = await self.stream.__anext__()
+            except StopAsyncIteration:
+                self.ended = True
+                break
+            if _failed(item) is not None:
+                self.ready.extend(held + [item])
+                self.ended = True
+                return
+            held.append(item)
+        if held and held[-1]["finish_reason"] is not None:
+            self.ended = True
+        if not held:
+            return
+        self.text += "".join(item["text"] for item in held)
+        verdict = await self.judge(self.text)
+        last = held[-1]
+        reported = {**last.get("guard", {}), "output": verdict}  # beside the prompt's verdict, if any
+        if verdict is not None and verdict["decision"] == "block":
+            self.stream.cancel()
+            self.ended = True
+            self.ready.append({**{k: v for k, v in last.items() if k != "logprobs"}, "text": "",
+                               "finish_reason": "content_filter", "guard": reported})
+            return
+        if verdict is not None and verdict["flagged"]:
+            held[-1] = {**last, "guard": reported}
+        self.ready.extend(held)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(api)
 class OpenAIServer:
@@ -376,10 +501,18 @@ class OpenAIServer:
     size and content type, and the request timeout."""
 
     def __init__(self, base: tuple[DeploymentHandle, str, str] | None, chat: tuple[DeploymentHandle, str, str] | None,
-                 api_keys: list[str], max_body_bytes: int, request_timeout_s: float = 600):
+                 api_keys: list[str], max_body_bytes: int, request_timeout_s: float = 600,
+                 guard: tuple[DeploymentHandle, str, str, dict] | None = None):
         self.completion_models = {base[1]: base[0]} if base else {}
         self.chat_models = {chat[1]: chat[0]} if chat else {}
-        self.sources = {served[1]: served[2] for served in (base, chat) if served}  # what each name serves
+        self.sources = {served[1]: served[2] for served in (base, chat, guard) if served}  # what each name serves
+        self.guard, self.guard_name, _, policy = guard or (None, None, None, None)
+        self.policy = GuardArgs.model_validate(policy) if policy else None
+        if self.guard is not None:
+            self.guard_decisions = Counter("corral_guard_decisions", "guard verdicts by direction (input, output) "
+                                           "and decision (pass, flag, block)", tag_keys=("direction", "decision"))
+            self.guard_latency = Histogram("corral_guard_latency_s", "seconds the guard took to judge a turn",
+                                           [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5], tag_keys=("direction",))
         env_keys = [k.strip() for k in os.environ.get("CORRAL_API_KEYS", "").split(",") if k.strip()]
         self.api_keys = [k.encode() for k in (api_keys or env_keys)]
         self.max_body_bytes, self.timeout_s = max_body_bytes, request_timeout_s
@@ -389,7 +522,8 @@ class OpenAIServer:
     async def health(self):
         """200 {"status": "ok"} when every model replica answers that it can serve, else 503 naming why."""
         problems = {}
-        for name, handle in [*self.completion_models.items(), *self.chat_models.items()]:
+        guards = {self.guard_name: self.guard} if self.guard is not None else {}
+        for name, handle in [*self.completion_models.items(), *self.chat_models.items(), *guards.items()]:
             try:
                 reason = await asyncio.wait_for(handle.health.remote(), HEALTH_TIMEOUT_S)
             except Exception as e:  # a replica that is gone or stuck is as unhealthy as one that says so
@@ -403,7 +537,7 @@ class OpenAIServer:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._authorize(request)
-        names = [*self.completion_models, *self.chat_models]
+        names = [*self.completion_models, *self.chat_models, *([self.guard_name] if self.guard else [])]
         return {"object": "list", "data": [{"id": n, "object": "model", "created": self.created, "owned_by": "corral",
                                             "root": self.sources[n]} for n in names]}
 
@@ -438,15 +572,29 @@ class OpenAIServer:
     async def chat_completions(self, request: Request):
         req = await self._parse(request, ChatCompletionRequest)
         handle = self._handle(req.model, self.chat_models, "/v1/chat/completions")
-        payload = {"messages": req.dialog(), "sampling": req.sampling(),
+        dialog = req.dialog()
+        payload = {"messages": dialog, "sampling": req.sampling(),
                    "max_tokens": req.max_completion_tokens or req.max_tokens}
         rid = new_id("chatcmpl")
-        if req.stream:
+        checked = await self._judge(dialog, "input", rid)
+        if checked is not None and checked["decision"] == "block":
+            first, stream = {"text": self.policy.refusal, "finish_reason": "content_filter", "prompt_tokens": 0,
+                             "completion_tokens": 0, "guard": {"input": checked}}, _Ended()
+        else:
             first, stream = await self._start(handle, payload)
+            if checked is not None and checked["flagged"]:
+                first = {**first, "guard": {"input": checked}}
+            if self.policy is not None and self.policy.output != "off":
+                def judge(reply: str):
+                    return self._judge([*dialog, {"role": "assistant", "content": reply}], "output", rid)
 
+                stream = _Screened(first, stream, judge, self.policy.screen_every)
+                first = await anext(stream)
+        if req.stream:
             def chunk(item):
-                return chat_chunk(rid, req.model, {"content": item["text"]}, item["finish_reason"],
+                body = chat_chunk(rid, req.model, {"content": item["text"]}, item["finish_reason"],
                                   tokens=item.get("logprobs"))
+                return body | ({"guard": item["guard"]} if "guard" in item else {})
 
             def usage_chunk(usage):
                 return chat_chunk(rid, req.model, None, usage=usage)
@@ -454,9 +602,27 @@ class OpenAIServer:
             opening = chat_chunk(rid, req.model, {"role": "assistant", "content": ""})
             return _sse_response(first, stream, chunk, self.timeout_s, usage_chunk if req.include_usage else None,
                                  opening)
-        result, = await self._generate(handle, [payload])
-        return chat_body(rid, req.model, result.text, result.last["finish_reason"], _usage(result.last),
-                         result.tokens)
+        result = await self._within_timeout(_collect(first, stream))
+        guard = {k: v for item in (first, result.last) for k, v in item.get("guard", {}).items()}
+        blocked = result.last["finish_reason"] == "content_filter"
+        body = chat_body(rid, req.model, self.policy.refusal if blocked else result.text, result.last["finish_reason"],
+                         _usage(result.last), result.tokens)
+        return body | ({"guard": guard} if guard else {})
+
+    @api.post("/v1/moderations")
+    async def moderations(self, request: Request) -> dict:
+        """OpenAI's moderations: each input judged by the guard as a user message."""
+        req = await self._parse(request, ModerationRequest)
+        if self.guard is None:
+            raise APIError(404, "no guard model is served here: name one in the Serve config's args.guard",
+                           param="model", code="model_not_found")
+        if req.model not in (None, self.guard_name):
+            raise APIError(404, f"the model {req.model!r} is not served at /v1/moderations; served there: "
+                                f"{self.guard_name}", param="model", code="model_not_found")
+        verdicts = await self._within_timeout(asyncio.gather(
+            *(self.guard.assess.remote([{"role": "user", "content": text}]) for text in req.input)))
+        categories = await self.guard.categories.remote()
+        return moderation_body(new_id("modr"), self.guard_name, verdicts, categories)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -514,6 +680,29 @@ class OpenAIServer:
             stream.cancel()
             raise error
         return first, stream
+
+    async def _judge(self, messages: list[dict], direction: str, rid: str) -> dict | None:
+        """The guard's verdict on the last message, with the policy's `decision` (pass, flag or
+        block), counted and timed; None when this direction is not screened."""
+        if self.guard is None or getattr(self.policy, direction) == "off":
+            return None
+        start = time.perf_counter()
+        verdict = await self.guard.assess.remote(messages)
+        self.guard_latency.observe(time.perf_counter() - start, tags={"direction": direction})
+        decision = "pass" if not verdict["flagged"] else getattr(self.policy, direction)
+        self.guard_decisions.inc(tags={"direction": direction, "decision": decision})
+        if decision == "block":  # the request's text only where the operator asked for it
+            log.warning("corral guard: blocked the %s of %s (categories %s)%s", direction, rid,
+                        ",".join(verdict["categories"]),
+                        f": {messages[-1]['content']!r}" if self.policy.log_content else "")
+        return verdict | {"decision": decision}
+
+    async def _within_timeout(self, work: Awaitable):
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await work
+        except TimeoutError:
+            raise _timed_out(self.timeout_s) from None
 
     async def _generate(self, handle: DeploymentHandle, payloads: list[dict]) -> list[_Result]:
         """Whole generations of every payload, side by side, within the request timeout."""

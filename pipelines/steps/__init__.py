@@ -19,6 +19,7 @@ STEP_TYPES: dict[str, tuple[str, str]] = {
     "register": ("pipelines.steps.register", "corral.config:RegisterConfig"),
     "sft": ("pipelines.steps.sft", "corral.config:SFTConfig"),
     "reward": ("pipelines.steps.reward", "corral.config:RewardConfig"),
+    "guard": ("pipelines.steps.guard", "corral.config:GuardConfig"),
     "evaluate": ("pipelines.steps.evaluate", "corral.config:EvaluateConfig"),
     "rejection_sampling": ("pipelines.steps.rejection_sampling", "corral.rlhf.config:RejectionSamplingConfig"),
     "ppo": ("pipelines.steps.ppo", "corral.rlhf.config:PPOConfig"),

@@ -267,6 +267,20 @@ class SFTConfig(BaseModel):
     tracking: TrackingConfig = TrackingConfig()
 
 
+class GuardConfig(SFTConfig):
+    """A Llama Guard-style safety classifier (`corral.guard`), fine-tuned by the SFT job from any
+    checkpoint (Llama Guard started from Llama 2 7B). Data: `guard` records (a conversation, whether
+    its last turn is unsafe, the violated categories) from files, or the task suite's safety family."""
+
+    data: list[str] = Field(default=[], description="guard JSONL/Parquet files; empty = the task suite")
+    validation_data: list[str] = Field(default=[], description="held-out guard records (precision/recall); "
+                                       "empty = the suite's held-out split, or val_fraction of `data`")
+    categories: dict[str, str] = Field(default={}, description="taxonomy: code -> name, as the guard's prompt "
+                                       "lists it; empty = the task suite's (corral.data.tasks.UNSAFE_CATEGORIES)")
+    tasks: TaskSuiteConfig = TaskSuiteConfig(train_size=4000, eval_size=400)
+    gatt: bool = False  # a guard dialog has one turn
+
+
 class RewardConfig(BaseModel):
     """A reward model (Llama 2, 3.2.2): helpfulness, or safety with some helpfulness data mixed in."""
 

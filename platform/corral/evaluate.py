@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from corral.data.sft import IGNORE, encode_dialog, pack, packed_layout
 from corral.engine import Engine, SamplingParams
-from corral.model import Transformer
+from corral.model import Layout, Transformer
 from corral.tokenizer import Tokenizer
 
 
@@ -40,6 +40,49 @@ def generate_replies(model: Transformer, tokenizer: Tokenizer, dialogs: Sequence
     prompts = [tokenizer.encode_chat(d) for d in dialogs]
     outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     return [tokenizer.decode([t for t in out if t != tokenizer.eos_id]) for out in outputs]
+
+
+@torch.inference_mode()
+def score_continuations(model: Transformer, rows: list[tuple[list[int], list[int]]],
+                        batch_size: int = 16) -> list[tuple[float, bool]]:
+    """For each (input ids, target ids): the targets' summed log-probability at the last
+    len(targets) positions of the input, and whether each target is that position's argmax.
+
+    Rows with the same input and target length share one forward (MMLU's four answer letters
+    after one prompt: a quarter of the work). Longest first, right-padded into batches (causal
+    attention: padding after a row cannot change it); only the scored positions' logits are kept.
+    """
+    device = next(model.parameters()).device
+    shared: dict[tuple[tuple[int, ...], int], list[int]] = defaultdict(list)  # (input, n) -> rows
+    for i, (inp, target) in enumerate(rows):
+        shared[tuple(inp), len(target)].append(i)
+    keys = sorted(shared, key=lambda k: -len(k[0]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    for start in range(0, len(keys), batch_size):
+        batch = keys[start:start + batch_size]
+        tokens = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long)  # (bsz, seqlen), right-padded
+        keep = torch.zeros_like(tokens, dtype=torch.bool)
+        for b, (inp, n) in enumerate(batch):
+            tokens[b, : len(inp)] = torch.tensor(inp)
+            keep[b, len(inp) - n: len(inp)] = True
+        logits = model(tokens.to(device), Layout(logits_at=keep.to(device)))  # (n_kept, vocab)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        members, positions, targets, at = [], [], [], 0
+        for inp, n in batch:
+            for i in shared[inp, n]:
+                members.append(i)
+                positions += range(at, at + n)
+                targets += rows[i][1]
+            at += n
+        positions, targets = torch.tensor(positions, device=device), torch.tensor(targets, device=device)
+        chosen = logp[positions, targets].tolist()  # host-device sync: once per batch
+        greedy = (logp.argmax(-1)[positions] == targets).tolist()
+        at = 0
+        for i in members:
+            n = len(rows[i][1])
+            out[i] = (sum(chosen[at:at + n]), all(greedy[at:at + n]))
+            at += n
+    return out
 
 
 def task_accuracy(items: Sequence[dict], replies: Sequence[str]) -> dict[str, float]:

@@ -32,7 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from corral.checkpoint import load_model, load_tokenizer
 from corral.config import BenchmarksConfig
 from corral.engine import Engine, SamplingParams, decode_continuation
-from corral.model import Layout
+from corral.evaluate import score_continuations
 from corral.paper import side_by_side
 from corral.registry import resolve_model
 
@@ -109,45 +109,8 @@ class CorralLM(TemplateLM):
             out.append(sum(lp for lp, _ in self._loglikelihood_tokens([(None, c, t) for c, t in windows])))
         return out
 
-    @torch.inference_mode()
     def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """For each (input ids, target ids): the targets' summed log-probability at the last
-        len(targets) positions of the input, and whether each target is that position's argmax.
-
-        Rows with the same input and target length share one forward (MMLU's four answer letters
-        after one prompt: a quarter of the work). Longest first, right-padded into batches (causal
-        attention: padding after a row cannot change it); only the scored positions' logits are kept.
-        """
-        shared: dict[tuple[tuple[int, ...], int], list[int]] = defaultdict(list)  # (input, n) -> rows
-        for i, (inp, target) in enumerate(rows):
-            shared[tuple(inp), len(target)].append(i)
-        keys = sorted(shared, key=lambda k: -len(k[0]))
-        out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        for start in range(0, len(keys), self.batch_size):
-            batch = keys[start:start + self.batch_size]
-            tokens = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long)  # (bsz, seqlen), right-padded
-            keep = torch.zeros_like(tokens, dtype=torch.bool)
-            for b, (inp, n) in enumerate(batch):
-                tokens[b, : len(inp)] = torch.tensor(inp)
-                keep[b, len(inp) - n: len(inp)] = True
-            logits = self.model(tokens.to(self.device), Layout(logits_at=keep.to(self.device)))  # (n_kept, vocab)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            members, positions, targets, at = [], [], [], 0
-            for inp, n in batch:
-                for i in shared[inp, n]:
-                    members.append(i)
-                    positions += range(at, at + n)
-                    targets += rows[i][1]
-                at += n
-            positions, targets = torch.tensor(positions, device=self.device), torch.tensor(targets, device=self.device)
-            chosen = logp[positions, targets].tolist()  # host-device sync: once per batch
-            greedy = (logp.argmax(-1)[positions] == targets).tolist()
-            at = 0
-            for i in members:
-                n = len(rows[i][1])
-                out[i] = (sum(chosen[at:at + n]), all(greedy[at:at + n]))
-                at += n
-        return out
+        return score_continuations(self.model, rows, self.batch_size)
 
     # -- generation ------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

@@ -141,7 +141,7 @@ def test_the_registered_models_load_back(flow, tmp_path, monkeypatch):
     uri = flow.env["MLFLOW_TRACKING_URI"]
     # the registry (and models:/ URIs) follow the process-wide URI, not MlflowClient's argument
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for name in ("llama2-tiny-base", "llama2-tiny-chat"):
+    for name in ("llama2-tiny-base", "llama2-tiny-chat", "llama2-tiny-guard"):
         local = mlflow.artifacts.download_artifacts(f"models:/{name}@candidate", dst_path=str(tmp_path / name),
                                                     tracking_uri=uri)
         model = corral.load_model(local)

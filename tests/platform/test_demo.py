@@ -23,8 +23,9 @@ def test_the_readme_has_every_block_of_the_flow_and_what_they_name_exists():
     config = blocks["serve"].split("serve deploy ")[1].split()[0]
     (app,) = ServeDeploySchema.model_validate(yaml.safe_load((REPO / config).read_text())).applications
     assert app.args["chat"]["model"] == "models:/llama2-tiny-chat@candidate"  # what the spec registers
+    assert app.args["guard"]["model"] == "models:/llama2-tiny-guard@candidate"
     assert {m["name"] for m in load_spec(REPO / spec).steps["register"].config["models"]} >= {
-        "llama2-tiny-base", "llama2-tiny-chat"}
+        "llama2-tiny-base", "llama2-tiny-chat", "llama2-tiny-guard"}
 
 
 def test_a_block_s_exports_reach_the_next_and_a_failing_block_stops(tmp_path):

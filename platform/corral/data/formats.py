@@ -5,6 +5,8 @@
 - preferences: `{"prompt": str | messages, "chosen": str, "rejected": str, "rating": ..., "safety": bool}`.
 - rl_prompts: `{"prompt": str | messages, "safety": bool}`.
 - eval: `{"family": str, "messages": [...ending with user], "answer": str | null, "unsafe": bool | null}`.
+- guard: `{"messages": [...], "unsafe": bool, "categories": [str]}`: the last turn (the user's or
+  the assistant's) is the one judged; an unsafe turn names its categories (e.g. `["O3"]`).
 
 Every record is checked when read; the first bad one raises `DataFormatError` naming the file, the
 line (the row, 1-based, for Parquet), the field and what was expected. Extra fields are allowed.
@@ -19,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from corral.tokenizer import chat_turns
 
@@ -88,8 +90,28 @@ class EvalRecord(_Record):
     unsafe: bool | None = None  # safety items: should the reply be a refusal?
 
 
+class GuardRecord(_Record):
+    messages: list[Message] = Field(min_length=1)
+    unsafe: bool
+    categories: list[str] = []
+
+    @field_validator("messages")
+    @classmethod
+    def _dialog(cls, messages: list[Message]) -> list[Message]:
+        _check_prompt_dialog(messages[:-1] if messages[-1].role == "assistant" else messages)
+        return messages
+
+    @model_validator(mode="after")
+    def _categories_iff_unsafe(self) -> "GuardRecord":
+        if self.unsafe != bool(self.categories):
+            raise ValueError("an unsafe turn names at least one category and a safe one none: "
+                             f"unsafe is {self.unsafe}, categories {self.categories}")
+        return self
+
+
 FORMATS: dict[str, type[_Record]] = {
     "sft": SFTRecord, "preferences": PreferenceRecord, "rl_prompts": RLPromptRecord, "eval": EvalRecord,
+    "guard": GuardRecord,
 }
 
 

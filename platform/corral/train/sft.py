@@ -35,10 +35,12 @@ def sft_records(cfg: SFTConfig) -> tuple[list[dict], list[dict]]:
     return held_out(records, cfg.val_fraction, cfg.loop.seed)
 
 
-def sft_job(cfg: SFTConfig, base: str | Path, out: Path) -> tuple[TrainJob, dict]:
-    """The TrainJob and the reader sources (packed rows) that fine-tune `base` into `out / "model"`."""
+def sft_job(cfg: SFTConfig, base: str | Path, out: Path, records: tuple[list[dict], list[dict]] | None = None,
+            name: str = "sft", metadata: dict | None = None) -> tuple[TrainJob, dict]:
+    """The TrainJob and the reader sources (packed rows) that fine-tune `base` into `out / "model"`,
+    on `records` ((train, validation) SFT records) if given, else on `sft_records(cfg)`."""
     model_config, tokenizer = read_config(base), load_tokenizer(base)
-    train, val = sft_records(cfg)
+    train, val = records or sft_records(cfg)
     seq_len = cfg.seq_len or model_config.max_seq_len
     datasets, stats = {}, {}
     for split, records in (("train", train), ("validation", val)):
@@ -49,14 +51,14 @@ def sft_job(cfg: SFTConfig, base: str | Path, out: Path) -> tuple[TrainJob, dict
     loop = cfg.loop.model_copy(update={"max_steps": steps_for(cfg.epochs, stats["train_rows"], cfg.loop,
                                                                cfg.resources, cfg.deepspeed)})
     job = TrainJob(
-        name="sft", storage_path=str(out / "ray"), build_model=partial(Transformer, model_config),
+        name=name, storage_path=str(out / "ray"), build_model=partial(Transformer, model_config),
         weights=partial(WeightReader, base), loss_fn=sft_loss,
         loop=loop, deepspeed=cfg.deepspeed, optim=cfg.optim, resources=cfg.resources,
         export=partial(export_model, config=model_config, tokenizer_path=str(tokenizer.path),
-                       metadata={"stage": "sft", "base_model": str(base)}, dtype=training_dtype(cfg.deepspeed),
+                       metadata={"stage": name, "base_model": str(base), **(metadata or {})}, dtype=training_dtype(cfg.deepspeed),
                        shard_bytes=cfg.loop.export_shard_mb * 2**20),
         export_dir=str(out / "model"), params={"base_model": str(base), **stats},
     )
-    print(f"sft: {len(train)} dialogs in {stats['train_rows']} rows of {seq_len} tokens "
+    print(f"{name}: {len(train)} dialogs in {stats['train_rows']} rows of {seq_len} tokens "
           f"({stats['train_dropped']} too long), {loop.max_steps} steps from {base}")
     return job, datasets
