@@ -40,9 +40,9 @@ def guard_step(ray_cluster, tmp_path_factory, tokenizer) -> dict:
 
     root = tmp_path_factory.mktemp("guard")
     base = corral.save_model(Transformer(ModelConfig.preset("tiny")).init_weights(seed=0), root / "base", tokenizer)
-    config = {"base_model": str(base), "tasks": {"train_size": 2000, "eval_size": 400}, "epochs": 2, "seq_len": 256,
+    config = {"base_model": str(base), "tasks": {"train_size": 2000, "eval_size": 400}, "epochs": 3, "seq_len": 256,
               "loop": {"micro_batch_size": 8, "eval_every": 100, "checkpoint_every": 1000, "log_every": 20},
-              "optim": {"lr": 2e-3, "warmup_steps": 10}, "deepspeed": {"zero_stage": 0, "bf16": False},
+              "optim": {"lr": 3e-3, "warmup_steps": 10}, "deepspeed": {"zero_stage": 0, "bf16": False},
               "resources": {"num_workers": 1, "cpus_per_worker": 2}}
     return guard.run(config, {"output_dir": str(root / "out")})
 
