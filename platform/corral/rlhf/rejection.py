@@ -7,6 +7,8 @@ between rounds); the policy is then fine-tuned on the kept answers with the SFT 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from corral import tracking
@@ -55,7 +57,9 @@ def rejection_sampling(cfg: RejectionSamplingConfig, group: RoleGroup, rollouts:
         kept = [{"messages": prompt_messages(p["prompt"]) + [{"role": "assistant", "content": reply}]}
                 for p, (_, reply) in zip(prompts, best)]
         metrics["sft_loss"] = finetune(cfg, group, tokenizer, kept)
+        t0 = time.perf_counter()
         rollouts.sync()  # the next round (and the held-out replies) sample the fine-tuned policy
+        metrics["time_sync_s"] = time.perf_counter() - t0
         tracking.log_metrics(run_id, metrics, step=rnd)
         print(f"rejection sampling round {rnd}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
     return kept
