@@ -321,21 +321,24 @@ def test_vllm_rollouts_follow_the_policy_through_in_memory_weight_syncs(ray_clus
             group.call("policy", "train_sft", {k: v[i:i + 8] for k, v in rows.items()})
 
     try:
+        started = time.perf_counter()
         rollouts = start_rollouts(group, RolloutConfig(**VLLM_ROLLOUT, num_engines=2), vllm_policy, resources)
+        print(f"\ntwo vLLM engines started in {time.perf_counter() - started:.0f} s")
         assert rollouts.transport == "object_store"  # the CPU default
         start = corral_rollouts()
         assert rollouts.generate(prompts, greedy) == start
         files = files_under(model_cache(), tmp_path, vllm_policy)
         for transport in ("object_store", "broadcast"):
             if transport == "broadcast":  # the GPU path's torch.distributed group, over gloo here
-                rollouts.transport = "broadcast"
-                rollouts._join()
+                rollouts.join_broadcast_group()
             before = rollouts.generate(prompts, greedy)
             update_policy()
             updated = corral_rollouts()
             assert updated != before  # the update changed what the policy says
             assert rollouts.generate(prompts, greedy) == before  # the engines still hold the old weights
+            started = time.perf_counter()
             stats = rollouts.sync()
+            print(f"sync over {transport}: {stats['bytes'] / 1e6:.1f} MB in {time.perf_counter() - started:.2f} s")
             assert stats["tensors"] == 9 * VLLM_SMALL.n_layers + 3, stats
             assert rollouts.generate(prompts, greedy) == updated, transport
         assert files_under(model_cache(), tmp_path, vllm_policy) == files  # no disk round trip

@@ -222,7 +222,15 @@ class VllmRollouts:
                 # one bundle per GPU of the engine; its tensor-parallel Ray workers take the other bundles
                 pg = placement_group([dict(bundle)] * max(1, gpus), strategy="STRICT_PACK", name=f"corral-vllm-{i}")
                 self.pgs.append(pg)
-                ray.get(pg.ready(), timeout=resources.call_timeout_s)
+                try:
+                    ray.get(pg.ready(), timeout=resources.call_timeout_s)
+                except ray.exceptions.GetTimeoutError:
+                    from corral.rlhf.actors import RoleFailed
+
+                    raise RoleFailed(f"the cluster cannot place vLLM engine {i} ({max(1, gpus)} x {bundle}) within "
+                                     f"{resources.call_timeout_s:.0f}s; lower rollout.num_engines, "
+                                     f"rollout.cpus_per_engine or rollout.vllm.tensor_parallel_size, or add nodes"
+                                     ) from None
                 self.engines.append(VllmGenerator.options(
                     num_cpus=cfg.cpus_per_engine, num_gpus=1 if gpus == 1 else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -231,13 +239,15 @@ class VllmRollouts:
             self.where = group.get({f"vllm engine {i}": e.ready.remote() for i, e in enumerate(self.engines)},
                                    "starting")
             if self.transport == "broadcast":
-                self._join()
+                self.join_broadcast_group()
         except BaseException:
             self.shutdown()
             raise
 
-    def _join(self) -> None:
-        """The broadcast group: policy rank 0 is rank 0, then each engine's workers in turn."""
+    def join_broadcast_group(self) -> None:
+        """Sync over a broadcast group from now on: policy rank 0 is its rank 0, then each engine's
+        workers in turn."""
+        self.transport = "broadcast"
         host, port = self.group.call("policy", "sync_address", doing="opening the weight-sync group")
         world = 1 + self.cfg.num_engines * self.cfg.vllm.tensor_parallel_size
         refs = {f"vllm engine {i}": e.join_sync_group.remote(host, port, 1 + i * self.cfg.vllm.tensor_parallel_size,
