@@ -2,7 +2,9 @@
 
 - `PolicyActor`: the policy, trained with the DeepSpeed strategy (ZeRO-3 by default). It samples
   through the shared engine: once per rollout phase its ZeRO-3 shards are gathered into a plain
-  `Transformer` that the engine runs, so no per-token gathering happens during decoding.
+  `Transformer` that the engine runs, so no per-token gathering happens during decoding. With
+  `rollout.engine: vllm` it samples nothing itself: after each update it pushes its weights to the
+  vLLM engines (`push_weights`, `corral.rlhf.generators`).
 - `CriticActor`: the value model, initialised from the helpfulness reward model, trained.
 - `ReferenceActor`: the frozen starting policy, for the KL penalty.
 - `RewardActor`: a frozen reward model (two instances: helpfulness and safety).
