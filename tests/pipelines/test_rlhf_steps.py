@@ -5,7 +5,8 @@ The models come from a short in-process warm start (plain torch: the fixture, no
 test): a small Llama 2 fine-tuned for a few steps on the task suite's dialogs, and two reward
 models trained from it with the margin ranking loss. The policy is left half-trained on purpose:
 it refuses some unsafe requests and complies with others, so there is reward to gain and the
-PPO test fails if PPO does nothing.
+PPO test fails if PPO does nothing. The last two tests sample on vLLM engines (its CPU build) instead
+of in the policy role, and check that the in-memory weight sync moves the policy's weights.
 """
 
 import json
