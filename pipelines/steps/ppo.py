@@ -15,6 +15,7 @@ from corral import tracking
 from corral.checkpoint import load_tokenizer, read_config
 from corral.rlhf.actors import RoleGroup
 from corral.rlhf.config import PPOConfig
+from corral.rlhf.generators import start_rollouts
 from corral.rlhf.ppo import ppo_roles, ptx_rows, train_ppo
 from corral.rlhf.rollout import heldout, heldout_summary, load_prompts
 from pipelines.steps.common import input_models, output_dir
@@ -33,13 +34,17 @@ def run(config: PPOConfig | dict, inputs: dict) -> dict:
         train, held = load_prompts(cfg.prompts)
         ptx = ptx_rows(cfg, tokenizer)
         group = RoleGroup(ppo_roles(cfg, policy, helpful, safety), cfg.resources, "PPO")
+        rollouts = None
         try:
-            before = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
-            result = train_ppo(cfg, group, tokenizer, train, beta, run_id, out / "policy", ptx)
+            rollouts = start_rollouts(group, cfg.rollout, policy, cfg.resources, cfg.seed)
+            before = heldout(group, rollouts, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
+            result = train_ppo(cfg, group, rollouts, tokenizer, train, beta, run_id, out / "policy", ptx)
             # after an early stop the live policy is the rejected one: judge only a finished run
-            after = None if result["stop_reason"] else heldout(group, tokenizer, held, cfg.max_new_tokens,
+            after = None if result["stop_reason"] else heldout(group, rollouts, tokenizer, held, cfg.max_new_tokens,
                                                                cfg.safety_threshold)
         finally:
+            if rollouts is not None:
+                rollouts.shutdown()
             group.shutdown()
         summary = heldout_summary(before, after) | {"iterations": result["iterations"],
                                                     "last_good": result["last_good"]}

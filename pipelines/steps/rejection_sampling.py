@@ -17,6 +17,7 @@ from corral.checkpoint import load_tokenizer
 from corral.data.formats import write_records
 from corral.rlhf.actors import RoleGroup
 from corral.rlhf.config import RejectionSamplingConfig
+from corral.rlhf.generators import start_rollouts
 from corral.rlhf.rejection import rejection_sampling, rs_roles
 from corral.rlhf.rollout import heldout, heldout_summary, load_prompts
 from pipelines.steps.common import input_models, output_dir
@@ -34,13 +35,17 @@ def run(config: RejectionSamplingConfig | dict, inputs: dict) -> dict:
         tokenizer = load_tokenizer(policy)
         train, held = load_prompts(cfg.prompts)
         group = RoleGroup(rs_roles(cfg, policy, helpful, safety), cfg.resources, "rejection sampling")
+        rollouts = None
         try:
-            before = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
-            kept = rejection_sampling(cfg, group, tokenizer, train, run_id)
-            after = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
+            rollouts = start_rollouts(group, cfg.rollout, policy, cfg.resources, cfg.seed)
+            before = heldout(group, rollouts, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
+            kept = rejection_sampling(cfg, group, rollouts, tokenizer, train, run_id)
+            after = heldout(group, rollouts, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
             group.call("policy", "save", str(out / "policy"), {"stage": "rejection_sampling", "rounds": cfg.rounds},
                        doing="saving")
         finally:
+            if rollouts is not None:
+                rollouts.shutdown()
             group.shutdown()
         summary = heldout_summary(before, after)
         tracking.log_metrics(run_id, summary, step=cfg.rounds)

@@ -78,12 +78,13 @@ def write_checkpoint(out_dir: str | os.PathLike, config: ModelConfig, tensors: I
         shards: list[dict[str, torch.Tensor]] = []
         shard, size, total = {}, 0, 0
         for name, tensor in tensors:
-            tensor = _to_hf(name, tensor, config).to(dtype or tensor.dtype).contiguous()
+            name, tensor = to_hf(name, tensor, config, head)
+            tensor = tensor.to(dtype or tensor.dtype).contiguous()
             if shard and size + tensor.nbytes > shard_bytes:
                 save_file(shard, tmp / f"part-{len(shards)}", metadata={"format": "pt"})
                 shards.append(list(shard))
                 shard, size = {}, 0
-            shard[hf_name(name, head)] = tensor
+            shard[name] = tensor
             size, total = size + tensor.nbytes, total + tensor.nbytes
         save_file(shard, tmp / f"part-{len(shards)}", metadata={"format": "pt"})
         shards.append(list(shard))
@@ -380,6 +381,12 @@ def _qk_heads(name: str, config: ModelConfig) -> int | None:
 def _to_hf(name: str, tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     heads = _qk_heads(name, config)
     return tensor if heads is None else permute_meta_to_hf(tensor, heads)
+
+
+def to_hf(name: str, tensor: torch.Tensor, config: ModelConfig, head: str = "lm") -> tuple[str, torch.Tensor]:
+    """One corral tensor under its Hugging Face name and layout (what a checkpoint stores, and what
+    vLLM's `load_weights` takes when RLHF refreshes an engine in memory)."""
+    return hf_name(name, head), _to_hf(name, tensor, config)
 
 
 def _from_hf(name: str, tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:

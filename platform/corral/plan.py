@@ -224,10 +224,16 @@ def plan_step(step: str, uses: str, cfg: BaseModel, model: ModelConfig, mfu: flo
         else:  # fine-tunes on packed rows of the best replies; roles: policy, 2 rewards
             rows, field, roles, seq = cfg.micro_batch_size, "micro_batch_size", 3, cfg.seq_len
         mb = math.ceil(rows / (ranks * ds.grad_accum_steps))  # rows of one gradient step, over the group's ranks
+        rollout = cfg.rollout
+        if rollout.engine == "vllm":  # engines on GPUs of their own (corral.rlhf.generators)
+            tp = rollout.vllm.tensor_parallel_size
+            engines, sequences = rollout.num_engines * tp if res.gpus_per_role else 0, rollout.max_batch_size
+        else:  # the policy's ranks decode
+            tp, engines, sequences = None, 0, ENGINE_SEQUENCES
         return _plan(step, uses, model, ds, mfu, accelerator_type=res.accelerator_type if res.gpus_per_role else None,
-                     accelerators=roles * ranks, ranks=ranks, micro_batch=mb, seq_len=seq, lm_head=True,
-                     generated_tokens=ENGINE_SEQUENCES * generated, tokens_per_step=None,
-                     knob=_knob(ds, field, "resources.gpus_per_role"))
+                     accelerators=roles * ranks + engines, ranks=ranks, micro_batch=mb, seq_len=seq, lm_head=True,
+                     generated_tokens=sequences * generated, tokens_per_step=None,
+                     knob=_knob(ds, field, "resources.gpus_per_role"), engine_tp=tp)
     if isinstance(cfg, EvaluateConfig) and cfg.benchmarks is not None and cfg.resources.gpus_per_worker:
         return _plan_evaluation(step, uses, cfg, model, mfu)
     return None
@@ -262,9 +268,10 @@ def _plan_evaluation(step: str, uses: str, cfg: EvaluateConfig, model: ModelConf
 
 def _plan(step: str, uses: str, model: ModelConfig, ds: DeepSpeedConfig, mfu: float, *, accelerator_type: str | None,
           accelerators: int, ranks: int, micro_batch: int, seq_len: int, lm_head: bool, generated_tokens: int,
-          tokens_per_step: int | None, knob: str) -> StepPlan:
+          tokens_per_step: int | None, knob: str, engine_tp: int | None = None) -> StepPlan:
     """The busiest rank of a step: `ranks` share the model under ZeRO, each runs `micro_batch`
-    sequences of `seq_len`; a step that generates also holds the engine's weights and KV cache."""
+    sequences of `seq_len`; a step that generates also holds the engine's weights and KV cache, on the
+    same ranks, or with `engine_tp` on GPUs of its own (vLLM engines of that tensor-parallel size)."""
     accel = ACCELERATORS.get(accelerator_type) if accelerator_type else None
     if accelerator_type and accel is None:
         raise ValueError(f"step {step!r}: accelerator_type {accelerator_type!r} is not one corral.plan can size; "
@@ -275,10 +282,13 @@ def _plan(step: str, uses: str, model: ModelConfig, ds: DeepSpeedConfig, mfu: fl
     acts = {on: activation_bytes(model, seq_len, micro_batch, e, on) for on in (False, True)}
     logits = logits_bytes(model, seq_len, micro_batch) if lm_head else 0
     kv = 0
-    if generated_tokens:  # the policy's engine: bf16 weights and KV cache, split over the role's accelerators
-        kv = (2 * model.num_params() + kv_cache_bytes(model, generated_tokens, 2)) // ranks
-    per_rank = params + grads + optim + acts[ds.activation_checkpointing] + logits + kv
+    if generated_tokens:  # the engine: bf16 weights and KV cache, split over the role's or the engine's accelerators
+        kv = (2 * model.num_params() + kv_cache_bytes(model, generated_tokens, 2)) // (engine_tp or ranks)
+    train = params + grads + optim + acts[ds.activation_checkpointing] + logits
+    per_rank = train + kv if engine_tp is None else max(train, kv)
     memory = accel.memory_bytes if accel else None
+    if engine_tp is not None and memory is not None and kv > memory:
+        knob = "raise rollout.vllm.tensor_parallel_size or lower rollout.max_batch_size (a vLLM engine does not fit)"
     ranks_per_node = min(ranks, GPUS_PER_NODE) if accel else 1
     loading = 4 * largest_layer_params(model) * ranks_per_node  # each rank reads one tensor at a time, in fp32
     time = None

@@ -92,7 +92,7 @@ class VllmEngine:
         prompt, count = list(prompt), 0
         self._active += 1
         try:
-            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt), _vllm_params(params),
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt), vllm_params(params),
                                                str(request_id)):
                 done = out.outputs[0]
                 count += len(done.token_ids)
@@ -124,8 +124,8 @@ class VllmEngine:
         self.llm.shutdown()
 
 
-def _vllm_params(params: SamplingParams):
-    """corral's SamplingParams as vLLM's, streaming deltas (vLLM's top_k 0 also means off)."""
+def vllm_params(params: SamplingParams, output_kind=None):
+    """corral's SamplingParams as vLLM's (vLLM's top_k 0 also means off); `output_kind` None streams deltas."""
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -133,7 +133,7 @@ def _vllm_params(params: SamplingParams):
     return VllmSamplingParams(
         max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
         stop=params.stop, ignore_eos=params.ignore_eos, seed=params.seed, logprobs=params.logprobs,
-        prompt_logprobs=params.prompt_logprobs, output_kind=RequestOutputKind.DELTA, **extra)
+        prompt_logprobs=params.prompt_logprobs, output_kind=output_kind or RequestOutputKind.DELTA, **extra)
 
 
 def _logprobs(token_ids: Sequence[int], positions: list[dict], top_n: int) -> list[TokenLogprob]:

@@ -5,7 +5,8 @@ The models come from a short in-process warm start (plain torch: the fixture, no
 test): a small Llama 2 fine-tuned for a few steps on the task suite's dialogs, and two reward
 models trained from it with the margin ranking loss. The policy is left half-trained on purpose:
 it refuses some unsafe requests and complies with others, so there is reward to gain and the
-PPO test fails if PPO does nothing.
+PPO test fails if PPO does nothing. The last two tests sample on vLLM engines (its CPU build) instead
+of in the policy role, and check that the in-memory weight sync moves the policy's weights.
 """
 
 import json
@@ -70,6 +71,16 @@ def rm_loss(model, batch):
     return ranking_loss(model(c, cl), model(r, rl), margin)
 
 
+def sft_warm_start(config: ModelConfig, tokenizer) -> Transformer:
+    """A policy fine-tuned for 120 steps on the task suite's dialogs."""
+    packed = pack([encode_record(tokenizer, r) for r in TaskSuite(0).sft_dialogs(800)], config.max_seq_len)
+    rows = [{"input_ids": torch.from_numpy(packed["input_ids"][i:i + 8]),
+             "labels": torch.from_numpy(packed["labels"][i:i + 8])} for i in range(0, len(packed["labels"]), 8)]
+    lm = gpt2_init(Transformer(config))
+    warm_start(lm, rows, 120, 3e-3, lambda m, b: sft_loss(m, b)[0])
+    return lm
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
@@ -77,11 +88,7 @@ def models(tmp_path_factory, tokenizer):
     torch.set_num_threads(1)  # on a loaded 2-core machine one thread trains ~5x faster than two
     root = tmp_path_factory.mktemp("rlhf-models")
     suite = TaskSuite(0)
-    packed = pack([encode_record(tokenizer, r) for r in suite.sft_dialogs(800)], SMALL.max_seq_len)
-    rows = [{"input_ids": torch.from_numpy(packed["input_ids"][i:i + 8]),
-             "labels": torch.from_numpy(packed["labels"][i:i + 8])} for i in range(0, len(packed["labels"]), 8)]
-    lm = gpt2_init(Transformer(SMALL))
-    warm_start(lm, rows, 120, 3e-3, lambda m, b: sft_loss(m, b)[0])
+    lm = sft_warm_start(SMALL, tokenizer)
     save_model(lm, root / "sft", tokenizer, metadata={"stage": "test-warm-start"})
     paths = {"policy": str(root / "sft")}
     # the safety model sees ~10 % helpfulness pairs (as Llama 2's). Its pairs are the safety family's
@@ -253,3 +260,108 @@ def test_ppo_ptx_holds_on_to_the_sft_answers(ray_cluster, mlflow_server, models,
     with torch.no_grad():
         start = sft_loss(load_model(models["policy"]), held)[0].item()
     assert with_ptx < plain - 0.5, (start, plain, with_ptx)  # measured: 1.42 at the start, 4.15 plain, 1.60 with ptx
+
+
+# vLLM rollout engines on this CPU (the CPU build of vLLM's API): fp32 so that greedy decoding is corral's
+# token for token, a small KV cache on this shared machine, no compile step at start-up
+VLLM_ROLLOUT = {"engine": "vllm", "dtype": "float32", "cpus_per_engine": 1,
+                "vllm": {"kv_cache_memory_bytes": 64 << 20, "enforce_eager": True}}
+
+
+# vLLM's CPU attention takes head sizes of 32 and up (SMALL's are 16): the same model with half the heads
+VLLM_SMALL = SMALL.model_copy(update={"n_heads": 2, "n_kv_heads": 1})
+
+
+@pytest.fixture(scope="module")
+def vllm_policy(tokenizer, tmp_path_factory) -> str:
+    """A policy vLLM's CPU build can run, warm-started as `models`' (whose reward models score it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    path = save_model(sft_warm_start(VLLM_SMALL, tokenizer), tmp_path_factory.mktemp("vllm-policy"), tokenizer,
+                      metadata={"stage": "test-warm-start"})
+    torch.set_num_threads(threads)
+    return str(path)
+
+
+def files_under(*roots) -> dict[str, tuple[int, int]]:
+    """Every file under the roots with its size and mtime: what a disk round trip would change."""
+    from pathlib import Path
+
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for root in roots for p in Path(root).rglob("*")
+            if p.is_file()}
+
+
+@pytest.mark.slow
+def test_vllm_rollouts_follow_the_policy_through_in_memory_weight_syncs(ray_cluster, vllm_policy, tokenizer, tmp_path):
+    """Two vLLM engines (prompts split between them) sample greedily what the corral engine samples
+    from the policy's ZeRO-3 weights; after a policy update they still sample the old policy until a
+    sync, then the new one's tokens exactly, over either transport, and no file is written."""
+    from corral.config import DeepSpeedConfig, OptimConfig
+    from corral.data.formats import prompt_messages
+    from corral.engine import SamplingParams
+    from corral.registry import model_cache
+    from corral.rlhf.actors import PolicyActor, RoleGroup
+    from corral.rlhf.config import RoleResources, RolloutConfig
+    from corral.rlhf.generators import start_rollouts
+
+    resources = RoleResources(**ROLES)
+    optim = OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant")
+    group = RoleGroup({"policy": (PolicyActor, (vllm_policy, DeepSpeedConfig(zero_stage=3, bf16=False), optim, 8))},
+                      resources, "vLLM rollouts")
+    prompts = [tokenizer.encode_chat(prompt_messages(r["prompt"])) for r in TaskSuite(0).rl_prompts(8, "eval", 0.5)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    rows = packed_rows([encode_record(tokenizer, r) for r in TaskSuite(1).sft_dialogs(48)], SMALL.max_seq_len)
+    rollouts = None
+
+    def corral_rollouts() -> list[list[int]]:
+        return group.call("policy", "generate", prompts, greedy)
+
+    def update_policy() -> None:
+        for i in range(0, len(rows["labels"]), 8):
+            group.call("policy", "train_sft", {k: v[i:i + 8] for k, v in rows.items()})
+
+    try:
+        started = time.perf_counter()
+        rollouts = start_rollouts(group, RolloutConfig(**VLLM_ROLLOUT, num_engines=2), vllm_policy, resources)
+        print(f"\ntwo vLLM engines started in {time.perf_counter() - started:.0f} s")
+        assert rollouts.transport == "object_store"  # the CPU default
+        start = corral_rollouts()
+        assert rollouts.generate(prompts, greedy) == start
+        files = files_under(model_cache(), tmp_path, vllm_policy)
+        for transport in ("object_store", "broadcast"):
+            if transport == "broadcast":  # the GPU path's torch.distributed group, over gloo here
+                rollouts.join_broadcast_group()
+            before = rollouts.generate(prompts, greedy)
+            update_policy()
+            updated = corral_rollouts()
+            assert updated != before  # the update changed what the policy says
+            assert rollouts.generate(prompts, greedy) == before  # the engines still hold the old weights
+            started = time.perf_counter()
+            stats = rollouts.sync()
+            print(f"sync over {transport}: {stats['bytes'] / 1e6:.1f} MB in {time.perf_counter() - started:.2f} s")
+            assert stats["tensors"] == 9 * VLLM_SMALL.n_layers + 3, stats
+            assert rollouts.generate(prompts, greedy) == updated, transport
+        assert files_under(model_cache(), tmp_path, vllm_policy) == files  # no disk round trip
+    finally:
+        if rollouts is not None:
+            rollouts.shutdown()
+        group.shutdown()
+
+
+@pytest.mark.slow
+def test_rejection_sampling_with_vllm_rollouts(ray_cluster, mlflow_server, models, vllm_policy, tmp_path):
+    """The rejection-sampling step end to end on a vLLM engine: two rounds, a weight sync after each."""
+    from pipelines.steps import rejection_sampling
+
+    out = rejection_sampling.run(rl_config(models, tmp_path, policy=vllm_policy, rounds=2, samples_per_prompt=2,
+                                           epochs=1, micro_batch_size=8, seq_len=96, rollout=VLLM_ROLLOUT,
+                                           optim={"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"}), {})
+    run = tracking.client().get_run(out["mlflow_run_id"])
+    assert run.data.params["rollout.engine"] == "vllm"
+    for key in ("sample_reward_mean", "kept_reward_mean", "sft_loss"):
+        assert len(tracking.metric_history(run.info.run_id, key)) == 2, key
+    assert len(read_records(out["kept"], "sft")) == 32
+    summary = json.loads(open(out["summary"]).read())
+    assert {"heldout_reward_delta", "heldout_exact_match_end"} <= summary.keys()
+    assert load_model(out["model"]).config == VLLM_SMALL

@@ -161,3 +161,21 @@ def test_a_rank_reads_any_flat_range_of_any_tensor_without_the_rest(layout, tmp_
                                                                    .tolist()) for _ in range(3))]:
             got = reader.slice(name, whole.shape, start, end)
             assert torch.equal(got, whole.flatten()[start:end]), (name, start, end)
+
+
+def test_the_rlhf_weight_sync_sends_a_block_at_a_time_what_an_export_stores(tmp_path):
+    """vLLM engines get the policy's weights in memory (`corral.rlhf.generators.hf_layers`): the same
+    names and layout (wq/wk permuted) as the Hugging Face checkpoint they started from."""
+    from safetensors.torch import load_file
+
+    from corral.rlhf.generators import hf_layers
+
+    torch.manual_seed(0)
+    model = Transformer(GQA)
+    stored = load_file(save_model(model, tmp_path / "m") / "model.safetensors")
+    chunks = list(hf_layers(model.state_dict().items(), GQA))
+    assert len(chunks) == GQA.n_layers + 3  # embeddings, one per block, final norm, output
+    assert all(len({name.split(".")[2] for name, _ in chunk}) == 1 for chunk in chunks[1:-2])  # one block each
+    sent = dict(t for chunk in chunks for t in chunk)
+    assert sent.keys() == stored.keys()
+    assert all(torch.equal(sent[k], stored[k]) for k in stored)

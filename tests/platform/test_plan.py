@@ -61,6 +61,26 @@ def test_pretraining_keeps_the_papers_4m_token_batch(name):
     assert plan.tokens_per_step == tokens and plan.accelerators == cfg.resources.num_workers
 
 
+@pytest.mark.parametrize("name", BIG)
+def test_the_big_specs_roll_out_on_vllm_engines_of_their_own_gpus(name):
+    """RLHF rollouts on vLLM (the tiny spec stays on corral's engine): the plan adds the engines' GPUs,
+    and one engine GPU holds its share of the bf16 weights and the KV cache; one tensor-parallel rank
+    less and the 70B engine would not fit."""
+    spec = load_spec(SPECS / f"{name}.yaml")
+    plans = {p.step: p for p in spec.plan()}
+    n = ModelConfig.preset(name).num_params()
+    for step, roles in (("rejection_sampling", 3), ("ppo", 5)):
+        cfg = spec.step_config(step)
+        tp = cfg.rollout.vllm.tensor_parallel_size
+        assert cfg.rollout.engine == "vllm"
+        assert plans[step].accelerators == roles * cfg.resources.gpus_per_role + cfg.rollout.num_engines * tp
+        assert 2 * n // tp < plans[step].kv_cache_bytes <= plans[step].per_accelerator_bytes
+    assert load_spec(SPECS / "llama2-tiny.yaml").step_config("ppo").rollout.engine == "corral"
+    if name == "llama2-70b":
+        with pytest.raises(SpecError, match="rollout.vllm.tensor_parallel_size"):
+            load_spec(SPECS / f"{name}.yaml", ["steps.ppo.config.rollout.vllm.tensor_parallel_size=1"]).plan()
+
+
 def within(ours: float, theirs: float, rel: float = 0.10) -> bool:
     return abs(ours - theirs) <= rel * theirs
 

@@ -2,7 +2,9 @@
 
 - `PolicyActor`: the policy, trained with the DeepSpeed strategy (ZeRO-3 by default). It samples
   through the shared engine: once per rollout phase its ZeRO-3 shards are gathered into a plain
-  `Transformer` that the engine runs, so no per-token gathering happens during decoding.
+  `Transformer` that the engine runs, so no per-token gathering happens during decoding. With
+  `rollout.engine: vllm` it samples nothing itself: after each update it pushes its weights to the
+  vLLM engines (`push_weights`, `corral.rlhf.generators`).
 - `CriticActor`: the value model, initialised from the helpfulness reward model, trained.
 - `ReferenceActor`: the frozen starting policy, for the KL penalty.
 - `RewardActor`: a frozen reward model (two instances: helpfulness and safety).
@@ -31,6 +33,7 @@ from corral.config import DeepSpeedConfig, OptimConfig
 from corral.engine import Engine, SamplingParams
 from corral.model import Transformer, WeightSource
 from corral.reward import RewardModel, load_reward_model, reward_checkpoint
+from corral.rlhf.generators import free_port, push_weights, sync_group
 from corral.rlhf.config import RoleResources
 from corral.rlhf.objectives import entropy, gather_logprobs
 from corral.train.losses import approx_kl, policy_loss, sft_loss, value_loss
@@ -76,7 +79,15 @@ class PolicyActor(_Role):
         self.tokenizer = load_tokenizer(path)
         self.strategy = _strategy(partial(Transformer, config), partial(WeightReader, path), ds, optim,
                                   micro_batch_size)
-        self.sampler = Transformer(config).eval()  # plain copy the engine runs, refreshed per phase
+        self.config, self._sampler = config, None
+
+    @property
+    def sampler(self) -> Transformer:
+        """The plain copy corral's engine runs (refreshed per phase), built on first use: with vLLM
+        rollouts only `save` needs it."""
+        if self._sampler is None:
+            self._sampler = Transformer(self.config).eval()
+        return self._sampler
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         """Completion ids for every prompt. Gathers the ZeRO-3 shards once, then decodes without DeepSpeed."""
@@ -119,6 +130,20 @@ class PolicyActor(_Role):
         self.strategy.backward(loss)
         self.strategy.step()
         return loss.item()
+
+    def sync_address(self) -> tuple[str, int]:
+        """Where the weight-sync group's store will listen: this rank (rank 0) hosts it."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join_sync_group(self, host: str, port: int, world_size: int, backend: str) -> None:
+        """Rank 0 of the broadcast group with the vLLM engines' workers (`corral.rlhf.generators`)."""
+        self.sync_group = sync_group(host, port, 0, world_size, backend)
+
+    def push_weights(self, engines: list, transport: str) -> dict:
+        """The current weights into the vLLM engines, gathered from ZeRO-3 one layer at a time, no file
+        written. Collective like `gathered_parameters`: every rank calls it, rank 0 sends."""
+        return push_weights(self.strategy.gathered_parameters(), self.config, engines, transport,
+                            getattr(self, "sync_group", None))
 
     def save(self, out_dir: str, metadata: dict) -> str:
         """The policy in corral's format (`corral.load_model`, `corral export hf`)."""

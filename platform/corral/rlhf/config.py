@@ -6,9 +6,12 @@ ones a 3M-parameter model on a 2-core CPU needs changed (learning rates, batch s
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from corral.config import DeepSpeedConfig, ModelConfig, OptimConfig, TaskSuiteConfig, TrackingConfig
+from corral.vllm_engine import VllmArgs
 
 
 class PromptsConfig(BaseModel):
@@ -44,6 +47,33 @@ class RoleResources(BaseModel):
     call_timeout_s: float = Field(default=3600, gt=0, description="a role call that takes longer fails the step")
 
 
+class RolloutConfig(BaseModel):
+    """Where the policy's samples come from (`corral.rlhf.generators`).
+
+    `corral`: the policy role gathers its ZeRO-3 shards into a plain model once per rollout phase
+    and decodes with corral's engine in its own process (the CPU default: nothing else to start).
+    `vllm`: `num_engines` vLLM engines, each a Ray actor on `vllm.tensor_parallel_size` GPUs (when
+    `resources.gpus_per_role` > 0), started once from the starting policy; after every policy update
+    the new weights reach them in memory (`sync`), and the prompts of a rollout phase are split
+    across them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["corral", "vllm"] = Field(default="corral", description="rollout backend")
+    num_engines: int = Field(default=1, ge=1, description="vLLM engines; a rollout phase splits its prompts over them")
+    cpus_per_engine: float = Field(default=1, gt=0, description="CPUs reserved for each engine actor")
+    max_batch_size: int = Field(default=64, ge=1, description="sequences one engine decodes together (vLLM's "
+                                "max_num_seqs); the rest of its shard waits")
+    sync: Literal["auto", "broadcast", "object_store"] = Field(
+        default="auto", description="how new weights reach the engines: `broadcast` = a torch.distributed group "
+        "between policy rank 0 and every engine worker (NCCL on GPUs, gloo on CPUs); `object_store` = Ray's "
+        "object store, one layer at a time; auto = broadcast on GPUs, object_store on CPUs")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="bfloat16", description="the engines' "
+                                                             "weights; float32 makes greedy rollouts match corral's")
+    vllm: VllmArgs = VllmArgs()
+
+
 class RLStepConfig(BaseModel):
     """What both RLHF steps share: the models, the prompts, the reward gate, sampling, resources."""
 
@@ -61,6 +91,7 @@ class RLStepConfig(BaseModel):
                                    "pipeline's step directory")
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     resources: RoleResources = RoleResources()
+    rollout: RolloutConfig = RolloutConfig()
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
 

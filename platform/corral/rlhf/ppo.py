@@ -27,6 +27,7 @@ from corral.data.tasks import TaskSuite
 from corral.engine import SamplingParams
 from corral.rlhf.actors import CriticActor, PolicyActor, ReferenceActor, RewardActor, RoleGroup
 from corral.rlhf.config import PPOConfig, PtxConfig
+from corral.rlhf.generators import Rollouts
 from corral.rlhf.objectives import gae, logit, ppo_token_rewards, whiten
 from corral.train.losses import token_kl
 from corral.rlhf.rollout import Samples, pad_rollouts, sample_and_score
@@ -51,12 +52,12 @@ class Experience:
     metrics: dict[str, float]
 
 
-def make_experience(group: RoleGroup, tokenizer: Tokenizer, records: list[dict], cfg: PPOConfig, beta: float,
-                    seed: int) -> Experience:
+def make_experience(group: RoleGroup, rollouts: Rollouts, tokenizer: Tokenizer, records: list[dict], cfg: PPOConfig,
+                    beta: float, seed: int) -> Experience:
     """Sample, score, and turn the scores into per-token advantages and returns."""
     params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=seed)
     t0 = time.perf_counter()
-    s = sample_and_score(group, tokenizer, records, params, cfg.safety_threshold)
+    s = sample_and_score(group, rollouts, tokenizer, records, params, cfg.safety_threshold)
     t1 = time.perf_counter()
     tokens, mask = pad_rollouts(s.prompt_ids, s.response_ids)
     out = group.get({"policy": group["policy"].logprobs.remote(tokens),
@@ -131,15 +132,15 @@ def ptx_rows(cfg: PPOConfig, tokenizer: Tokenizer) -> PtxRows | None:
     return PtxRows(cfg.ptx, tokenizer, cfg.seed) if cfg.ptx.coef > 0 else None
 
 
-def train_ppo(cfg: PPOConfig, group: RoleGroup, tokenizer: Tokenizer, prompts: list[dict], beta: float,
-              run_id: str, policy_dir: Path, ptx: PtxRows | None = None) -> dict:
+def train_ppo(cfg: PPOConfig, group: RoleGroup, rollouts: Rollouts, tokenizer: Tokenizer, prompts: list[dict],
+              beta: float, run_id: str, policy_dir: Path, ptx: PtxRows | None = None) -> dict:
     """The PPO loop. Returns {"iterations", "last_good", "stop_reason", "history"}."""
     gen = torch.Generator().manual_seed(cfg.seed)
     history, last_good, stop_reason = [], None, None
     for it in range(cfg.iterations):
         start = it * cfg.rollout_batch_size
         records = [prompts[(start + j) % len(prompts)] for j in range(cfg.rollout_batch_size)]
-        exp = make_experience(group, tokenizer, records, cfg, beta, seed=cfg.seed * 1_000_003 + it)
+        exp = make_experience(group, rollouts, tokenizer, records, cfg, beta, seed=cfg.seed * 1_000_003 + it)
         if exp.metrics["kl"] > cfg.max_kl:  # this policy is already too far from the reference
             stop_reason = (f"iteration {it}: KL {exp.metrics['kl']:.3f} passed max_kl {cfg.max_kl}; "
                            f"kept the policy of iteration {last_good}")
@@ -153,6 +154,10 @@ def train_ppo(cfg: PPOConfig, group: RoleGroup, tokenizer: Tokenizer, prompts: l
         metrics = exp.metrics | ppo_update(group, exp.batch, cfg, gen, train_policy=it >= cfg.critic_warmup,
                                            ptx=ptx)
         metrics["time_update_s"] = time.perf_counter() - t0
+        if it >= cfg.critic_warmup:  # the policy moved: the next rollouts must sample from it
+            t0 = time.perf_counter()
+            rollouts.sync()
+            metrics["time_sync_s"] = time.perf_counter() - t0
         tracking.log_metrics(run_id, metrics, step=it)
         history.append(metrics)
         print(f"ppo {it}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)

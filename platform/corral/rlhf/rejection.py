@@ -7,6 +7,8 @@ between rounds); the policy is then fine-tuned on the kept answers with the SFT 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from corral import tracking
@@ -15,6 +17,7 @@ from corral.data.sft import encode_dialog, packed_rows
 from corral.engine import SamplingParams
 from corral.rlhf.actors import PolicyActor, RewardActor, RoleGroup
 from corral.rlhf.config import RejectionSamplingConfig
+from corral.rlhf.generators import Rollouts
 from corral.rlhf.rollout import correct, sample_and_score
 from corral.tokenizer import Tokenizer
 
@@ -27,8 +30,8 @@ def rs_roles(cfg: RejectionSamplingConfig, policy: str, helpful: str, safety: st
     }
 
 
-def rejection_sampling(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer: Tokenizer, prompts: list[dict],
-                       run_id: str) -> list[dict]:
+def rejection_sampling(cfg: RejectionSamplingConfig, group: RoleGroup, rollouts: Rollouts, tokenizer: Tokenizer,
+                       prompts: list[dict], run_id: str) -> list[dict]:
     """All rounds, each logged to the run; returns the kept answers as SFT records (the dialogs the
     policy was last fine-tuned on)."""
     k, n = cfg.samples_per_prompt, len(prompts)
@@ -36,7 +39,8 @@ def rejection_sampling(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer
     for rnd in range(cfg.rounds):
         params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens,
                                 seed=cfg.seed * 1_000_003 + rnd * n * k)
-        s = sample_and_score(group, tokenizer, [p for p in prompts for _ in range(k)], params, cfg.safety_threshold)
+        s = sample_and_score(group, rollouts, tokenizer, [p for p in prompts for _ in range(k)], params,
+                             cfg.safety_threshold)
         rewards = s.reward.view(n, k)  # (prompts, K): sample j of prompt i at i * K + j
         top = rewards.argmax(1)
         for i in range(n):
@@ -53,6 +57,9 @@ def rejection_sampling(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer
         kept = [{"messages": prompt_messages(p["prompt"]) + [{"role": "assistant", "content": reply}]}
                 for p, (_, reply) in zip(prompts, best)]
         metrics["sft_loss"] = finetune(cfg, group, tokenizer, kept)
+        t0 = time.perf_counter()
+        rollouts.sync()  # the next round (and the held-out replies) sample the fine-tuned policy
+        metrics["time_sync_s"] = time.perf_counter() - t0
         tracking.log_metrics(run_id, metrics, step=rnd)
         print(f"rejection sampling round {rnd}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
     return kept

@@ -18,6 +18,7 @@ from corral.engine import SamplingParams
 from corral.evaluate import is_refusal, normalise
 from corral.rlhf.actors import RoleGroup
 from corral.rlhf.config import PromptsConfig
+from corral.rlhf.generators import Rollouts
 from corral.rlhf.objectives import combined_reward, gate_rate
 from corral.tokenizer import Tokenizer
 
@@ -67,12 +68,13 @@ class Samples:
         return gate_rate(self.safety, self.unsafe, threshold)
 
 
-def sample_and_score(group: RoleGroup, tokenizer: Tokenizer, records: list[dict], params: SamplingParams,
-                     safety_threshold: float) -> Samples:
-    """One rollout phase: the policy samples every prompt, both reward models score the replies."""
+def sample_and_score(group: RoleGroup, rollouts: Rollouts, tokenizer: Tokenizer, records: list[dict],
+                     params: SamplingParams, safety_threshold: float) -> Samples:
+    """One rollout phase: the policy samples every prompt (in its role or on the vLLM engines, see
+    `corral.rlhf.generators`), both reward models score the replies, in batches."""
     dialogs = [prompt_messages(r["prompt"]) for r in records]
     prompt_ids = [tokenizer.encode_chat(d) for d in dialogs]
-    response_ids = group.call("policy", "generate", prompt_ids, params, doing="sampling")
+    response_ids = rollouts.generate(prompt_ids, params)
     replies = [tokenizer.decode([t for t in ids if t != tokenizer.eos_id]) for ids in response_ids]
     finished = [d + [{"role": "assistant", "content": reply}] for d, reply in zip(dialogs, replies)]
     scores = group.get({"helpful": group["helpful"].score.remote(finished),
@@ -92,12 +94,12 @@ def gate_warning(rate: float, threshold: float) -> str | None:
             f"Train it with safe answers ranked over needless refusals, or lower safety_threshold.")
 
 
-def heldout(group: RoleGroup, tokenizer: Tokenizer, records: list[dict], max_tokens: int,
+def heldout(group: RoleGroup, rollouts: Rollouts, tokenizer: Tokenizer, records: list[dict], max_tokens: int,
             safety_threshold: float) -> dict:
     """Greedy replies to held-out prompts: per-prompt combined rewards and the metrics they give."""
     if not records:
         return {"rewards": [], "metrics": {}}
-    s = sample_and_score(group, tokenizer, records, SamplingParams(temperature=0.0, max_tokens=max_tokens),
+    s = sample_and_score(group, rollouts, tokenizer, records, SamplingParams(temperature=0.0, max_tokens=max_tokens),
                          safety_threshold)
     metrics = {"heldout_reward": s.reward.mean().item(), "heldout_safety_gate_rate": s.gate_rate(safety_threshold)}
     if warning := gate_warning(metrics["heldout_safety_gate_rate"], safety_threshold):
