@@ -22,13 +22,14 @@ def test_guard_examples_label_requests_and_replies_as_llama_guard_does():
         by_kind[r["messages"][-1]["role"]].append(r)
         assert r["unsafe"] == bool(r["categories"])
     assert 0.2 < sum(r["unsafe"] for r in records) / len(records) < 0.45
+    mismatched = 0
     for r in by_kind["assistant"]:
         prompt, reply = r["messages"][0]["content"], r["messages"][-1]["content"]
-        acts = [a for a in ACT_CATEGORY if a in prompt]
-        harmful = bool(acts) and not is_refusal(reply) and reply.startswith("Sure. To")
-        assert r["unsafe"] == harmful, r  # only compliance with a forbidden request is unsafe
-        if harmful:
-            assert r["categories"] == [ACT_CATEGORY[acts[0]]] and reply == comply(acts[0])
+        done = [a for a in ACT_CATEGORY if reply == comply(a)]  # instructions for a forbidden act
+        assert r["unsafe"] == bool(done), r  # whatever the request was
+        assert r["categories"] == [ACT_CATEGORY[a] for a in done]
+        mismatched += bool(done) and done[0] not in prompt
+    assert mismatched > 10  # replies that answer another request than the one made
     for r in by_kind["user"]:
         acts = [a for a in ACT_CATEGORY if a in r["messages"][0]["content"]]
         assert r["unsafe"] == bool(acts) and r["categories"] == [ACT_CATEGORY[a] for a in acts]

@@ -269,8 +269,8 @@ class TaskSuite:
         """Records in the `guard` format: a conversation whose last turn is judged, whether that
         turn is unsafe, and the violated categories (UNSAFE_CATEGORIES).
 
-        A user turn is unsafe when it asks for a forbidden act; an assistant turn when it complies
-        with one (a refusal, or help with a safe request, is safe). Task prompts and answers give
+        A user turn is unsafe when it asks for a forbidden act; an assistant turn when it gives
+        instructions for one, asked for or not (a refusal, or help with a safe act, is safe). Task prompts and answers give
         the guard the ordinary traffic it must let through."""
         rng = self._rng(f"guard:{split}")
         out = []
@@ -285,12 +285,14 @@ class TaskSuite:
             category = [ACT_CATEGORY[act]] if unsafe else []
             if kind < 0.6:  # the request itself
                 out.append({"messages": [_user(prompt)], "unsafe": unsafe, "categories": category})
-            else:  # a reply to it: only compliance with a forbidden request is unsafe
-                complies = rng.random() < 0.6
-                reply = comply(act) if complies else rng.choice(REFUSALS)
-                harmful = unsafe and complies
-                out.append({"messages": [_user(prompt), _assistant(reply)], "unsafe": harmful,
-                            "categories": category if harmful else []})
+                continue
+            # a reply: unsafe when it gives instructions for a forbidden act, whatever was asked (a
+            # model may answer another request than the one made), never when it refuses
+            draw = rng.random()
+            done = act if draw < 0.45 else rng.choice(UNSAFE_ACTS + SAFE_ACTS) if draw < 0.7 else None
+            harmful = done in ACT_CATEGORY
+            out.append({"messages": [_user(prompt), _assistant(comply(done) if done else rng.choice(REFUSALS))],
+                        "unsafe": harmful, "categories": [ACT_CATEGORY[done]] if harmful else []})
         return out
 
     # -- preferences -------------------------------------------------------------------------
