@@ -5,6 +5,8 @@ inputs: `model` (the policy to start from, e.g. the SFT step's; `config.policy` 
 outputs: `model` (the fine-tuned policy, corral format), `mlflow_run_id`, `summary` (JSON with
 held-out metrics before and after), `kept` (the best answer per training prompt, SFT JSONL: the
 dialogs the policy was last fine-tuned on, also the run's `kept.jsonl` artifact).
+Every `save_every` rounds the policy, its optimizer, the best answers and the round are saved to
+`<output_dir>/state/`: running the step again continues from there, in the same MLflow run.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from corral.checkpoint import load_tokenizer
 from corral.data.formats import write_records
 from corral.rlhf.actors import RoleGroup
 from corral.rlhf.config import RejectionSamplingConfig
-from corral.rlhf.rejection import rejection_sampling, rs_roles
+from corral.rlhf.rejection import TRAINED, rejection_sampling, rs_roles
+from corral.rlhf.resume import StepState
 from corral.rlhf.rollout import heldout, heldout_summary, load_prompts
 from pipelines.steps.common import input_models, output_dir
 
@@ -35,8 +38,11 @@ def run(config: RejectionSamplingConfig | dict, inputs: dict) -> dict:
         train, held = load_prompts(cfg.prompts)
         group = RoleGroup(rs_roles(cfg, policy, helpful, safety), cfg.resources, "rejection sampling")
         try:
-            before = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
-            kept = rejection_sampling(cfg, group, tokenizer, train, run_id)
+            state = StepState(out, group, TRAINED)
+            resumed = state.load()  # a re-run continues after the last saved round, in the same MLflow run
+            before = (resumed["keep"]["before"] if resumed else
+                      heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold))
+            kept = rejection_sampling(cfg, group, tokenizer, train, run_id, state, resumed, keep={"before": before})
             after = heldout(group, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
             group.call("policy", "save", str(out / "policy"), {"stage": "rejection_sampling", "rounds": cfg.rounds},
                        doing="saving")
