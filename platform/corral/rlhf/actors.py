@@ -124,6 +124,10 @@ class _Role:
 class _Trained(_Role):
     """A role trained under DeepSpeed, one rank of its group: state saves and loads are collective."""
 
+    def ready(self) -> dict:
+        """Where this rank runs, and the dtype its ZeRO-3 partitions hold (the training dtype)."""
+        return super().ready() | {"dtype": str(next(self.strategy.engine.module.parameters()).dtype)}
+
     def save_state(self, directory: str, client_state: dict) -> None:
         """This rank's shard of model, optimizer and scheduler, and its RNG (`DeepSpeedStrategy.save`)."""
         self.strategy.save(directory, client_state)
