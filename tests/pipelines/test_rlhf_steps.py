@@ -353,3 +353,43 @@ def test_ppo_rerun_continues_after_the_last_save_in_the_same_run(ray_cluster, ml
         assert_close(torch.tensor([v for _, v in b], dtype=torch.float64),
                      torch.tensor([v for _, v in a], dtype=torch.float64), rtol=1e-5, atol=1e-7,
                      msg=f"{key}: resumed {b}, uninterrupted {a}")
+
+
+@pytest.mark.slow
+def test_rejection_sampling_rerun_continues_after_the_last_saved_round(ray_cluster, mlflow_server, models, tmp_path,
+                                                                       monkeypatch):
+    """Rejection sampling stopped in round 1 continues there on a re-run, in the same MLflow run, with
+    the policy, its optimizer and the best answers of round 0: its rounds log what an uninterrupted
+    run's do, and it keeps the same answers."""
+    from corral.rlhf import rejection as loop
+    from pipelines.steps import rejection_sampling
+
+    def config(name):
+        cfg = rl_config(models, tmp_path / name, rounds=2, samples_per_prompt=2, epochs=1, micro_batch_size=8,
+                        seq_len=96, deepspeed=FP32, optim={"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"})
+        cfg["prompts"] |= {"n_train": 16, "n_eval": 0}
+        return cfg
+
+    sample_and_score, calls = loop.sample_and_score, []
+
+    def stopped_in_round_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped in round 1")
+        return sample_and_score(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "sample_and_score", stopped_in_round_1)
+    with pytest.raises(RuntimeError, match="stopped in round 1"):
+        rejection_sampling.run(config("resumed"), {})
+    monkeypatch.undo()
+    resumed = rejection_sampling.run(config("resumed"), {})
+    straight = rejection_sampling.run(config("straight"), {})
+    first_run = json.loads((tmp_path / "resumed" / "out" / "mlflow_run.json").read_text())["run_id"]
+    assert resumed["mlflow_run_id"] == first_run
+    for key in ("sample_reward_mean", "kept_reward_mean", "sft_loss"):
+        a = tracking.metric_history(straight["mlflow_run_id"], key)
+        b = tracking.metric_history(resumed["mlflow_run_id"], key)
+        assert [s for s, _ in b] == [0, 1], (key, b)
+        assert_close(torch.tensor([v for _, v in b], dtype=torch.float64),
+                     torch.tensor([v for _, v in a], dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    assert read_records(resumed["kept"], "sft") == read_records(straight["kept"], "sft")
