@@ -313,6 +313,8 @@ def test_two_rank_policy_and_critic_groups_train_as_one_rank_roles(ray_cluster, 
     assert len(groups) == len(single) == 3
     for key in COMPARED:
         a, b = [h[key] for h in groups], [h[key] for h in single]
+        print(f"{key}: largest relative difference, 2 ranks vs 1: "
+              f"{max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)):.2e}")
         assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
                      rtol=1e-4, atol=1e-6, msg=f"{key}: 2 ranks {a}, 1 rank {b}")
 
