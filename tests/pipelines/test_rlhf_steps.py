@@ -287,7 +287,8 @@ def test_two_rank_policy_and_critic_groups_train_as_one_rank_roles(ray_cluster, 
     from corral.rlhf.rollout import load_prompts
 
     def run(ranks: dict) -> tuple[list[dict], dict, dict]:
-        cfg = PPOConfig.model_validate(short_ppo(models, tmp_path / f"r{len(ranks)}", resources=ROLES | {"ranks": ranks}))
+        cfg = PPOConfig.model_validate(short_ppo(models, tmp_path / f"r{len(ranks)}",
+                                                 resources=ROLES | {"ranks": ranks}))
         train, _ = load_prompts(cfg.prompts)
         run_id = tracking.start_run("test-rlhf", f"groups-{ranks}")
         group = RoleGroup(ppo_roles(cfg, models["policy"], models["helpful"], models["safety"]), cfg.resources, "PPO")

@@ -222,7 +222,8 @@ class PolicyActor(_Trained):
         self.strategy.backward(loss)
         self.strategy.step()
         with torch.no_grad():
-            stats |= {"clip_fraction": weight * clip_fraction, "approx_kl": weight * approx_kl(logprobs, batch["logprobs"], mask),
+            stats |= {"clip_fraction": weight * clip_fraction,
+                      "approx_kl": weight * approx_kl(logprobs, batch["logprobs"], mask),
                       "entropy": weight * entropy(logits[:, :-1], mask)}
             return {k: self.group_mean(v) for k, v in stats.items()} | {"grad_norm": self.strategy.grad_norm()}
 
