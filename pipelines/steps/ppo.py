@@ -4,6 +4,8 @@ inputs: `model` (the policy to start from, e.g. rejection sampling's; `config.po
 `upstream` (reward steps named by `helpful_reward` / `safety_reward`), `run_id` from a pipeline.
 outputs: `model` (the last good policy, corral format), `mlflow_run_id`, `summary` (JSON with
 held-out metrics before and after, and why the run stopped early if it did).
+Every `save_every` iterations the policy, critic, optimizers, iteration and RNG are saved to
+`<output_dir>/state/`: running the step again continues from there, in the same MLflow run.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from corral.checkpoint import load_tokenizer, read_config
 from corral.rlhf.actors import RoleGroup
 from corral.rlhf.config import PPOConfig
 from corral.rlhf.generators import start_rollouts
-from corral.rlhf.ppo import ppo_roles, ptx_rows, train_ppo
+from corral.rlhf.ppo import TRAINED, ppo_roles, ptx_rows, train_ppo
+from corral.rlhf.resume import StepState
 from corral.rlhf.rollout import heldout, heldout_summary, load_prompts
 from pipelines.steps.common import input_models, output_dir
 
@@ -37,8 +40,14 @@ def run(config: PPOConfig | dict, inputs: dict) -> dict:
         rollouts = None
         try:
             rollouts = start_rollouts(group, cfg.rollout, policy, cfg.resources, cfg.seed)
-            before = heldout(group, rollouts, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
-            result = train_ppo(cfg, group, rollouts, tokenizer, train, beta, run_id, out / "policy", ptx)
+            state = StepState(out, group, TRAINED)
+            resumed = state.load()  # a re-run continues after the last save, in the same MLflow run
+            if resumed:  # the engines start from the policy checkpoint: give them the restored weights
+                rollouts.sync()
+            before = (resumed["keep"]["before"] if resumed else
+                      heldout(group, rollouts, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold))
+            result = train_ppo(cfg, group, rollouts, tokenizer, train, beta, run_id, out / "policy", ptx, state,
+                               resumed, keep={"before": before})
             # after an early stop the live policy is the rejected one: judge only a finished run
             after = None if result["stop_reason"] else heldout(group, rollouts, tokenizer, held, cfg.max_new_tokens,
                                                                cfg.safety_threshold)

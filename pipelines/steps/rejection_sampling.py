@@ -5,6 +5,8 @@ inputs: `model` (the policy to start from, e.g. the SFT step's; `config.policy` 
 outputs: `model` (the fine-tuned policy, corral format), `mlflow_run_id`, `summary` (JSON with
 held-out metrics before and after), `kept` (the best answer per training prompt, SFT JSONL: the
 dialogs the policy was last fine-tuned on, also the run's `kept.jsonl` artifact).
+Every `save_every` rounds the policy, its optimizer, the best answers and the round are saved to
+`<output_dir>/state/`: running the step again continues from there, in the same MLflow run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from corral.data.formats import write_records
 from corral.rlhf.actors import RoleGroup
 from corral.rlhf.config import RejectionSamplingConfig
 from corral.rlhf.generators import start_rollouts
-from corral.rlhf.rejection import rejection_sampling, rs_roles
+from corral.rlhf.rejection import TRAINED, rejection_sampling, rs_roles
+from corral.rlhf.resume import StepState
 from corral.rlhf.rollout import heldout, heldout_summary, load_prompts
 from pipelines.steps.common import input_models, output_dir
 
@@ -38,8 +41,14 @@ def run(config: RejectionSamplingConfig | dict, inputs: dict) -> dict:
         rollouts = None
         try:
             rollouts = start_rollouts(group, cfg.rollout, policy, cfg.resources, cfg.seed)
-            before = heldout(group, rollouts, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
-            kept = rejection_sampling(cfg, group, rollouts, tokenizer, train, run_id)
+            state = StepState(out, group, TRAINED)
+            resumed = state.load()  # a re-run continues after the last saved round, in the same MLflow run
+            if resumed:  # the engines start from the policy checkpoint: give them the restored weights
+                rollouts.sync()
+            before = (resumed["keep"]["before"] if resumed else
+                      heldout(group, rollouts, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold))
+            kept = rejection_sampling(cfg, group, rollouts, tokenizer, train, run_id, state, resumed,
+                                      keep={"before": before})
             after = heldout(group, rollouts, tokenizer, held, cfg.max_new_tokens, cfg.safety_threshold)
             group.call("policy", "save", str(out / "policy"), {"stage": "rejection_sampling", "rounds": cfg.rounds},
                        doing="saving")

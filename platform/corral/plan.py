@@ -40,9 +40,10 @@ tensors a real forward saves against these counts.
 Generation (rejection sampling, PPO rollouts): the KV cache of the engine's 64 sequences of
 prompt + max_new_tokens tokens, 2 * n_layers * n_kv_heads * head_dim * e bytes a token, and a
 bf16 copy of the weights, both split over the policy's accelerators (a tensor-parallel engine).
-RLHF roles are planned as the design builds them (docs/cluster.md): the policy and critic are
-ZeRO-3 groups of `gpus_per_role` ranks; the reference and reward models hold their bf16 weights
-split over their `gpus_per_role` accelerators.
+RLHF roles are planned as `corral.rlhf.actors` places them (docs/cluster.md): the policy and critic
+are ZeRO-3 groups of `resources.ranks` ranks, one bundle of `gpus_per_role` accelerators each; the
+reference and reward models one bundle each. The busiest rank is the policy's (its share of the
+model states, its slice of a minibatch, and the engine's bf16 weights and KV cache).
 
 Step time: 6 N FLOPs a token (forward and backward; 8 N with checkpointing, which recomputes the
 forward) over the step's accelerators at their dense bf16 peak times `mfu`.
@@ -217,12 +218,14 @@ def plan_step(step: str, uses: str, cfg: BaseModel, model: ModelConfig, mfu: flo
                      knob=_knob(ds, "loop.micro_batch_size", "resources.num_workers"))
     if isinstance(cfg, (RejectionSamplingConfig, PPOConfig)):
         res, ds = cfg.resources, cfg.deepspeed
-        ranks = max(1, int(res.gpus_per_role))
+        ranks = res.ranks_of("policy")  # the busiest rank: the policy's, which also holds the engine
         generated = min(model.max_seq_len, PROMPT_TOKENS + cfg.max_new_tokens)  # prompt + reply
         if isinstance(cfg, PPOConfig):  # trains on the rollouts; roles: policy, critic, reference, 2 rewards
-            rows, field, roles, seq = cfg.minibatch_size, "minibatch_size", 5, generated
+            rows, field, seq = cfg.minibatch_size, "minibatch_size", generated
+            bundles = ranks + res.ranks_of("critic") + 3
         else:  # fine-tunes on packed rows of the best replies; roles: policy, 2 rewards
-            rows, field, roles, seq = cfg.micro_batch_size, "micro_batch_size", 3, cfg.seq_len
+            rows, field, seq = cfg.micro_batch_size, "micro_batch_size", cfg.seq_len
+            bundles = ranks + 2
         mb = math.ceil(rows / (ranks * ds.grad_accum_steps))  # rows of one gradient step, over the group's ranks
         rollout = cfg.rollout
         if rollout.engine == "vllm":  # engines on GPUs of their own (corral.rlhf.generators)
@@ -231,9 +234,9 @@ def plan_step(step: str, uses: str, cfg: BaseModel, model: ModelConfig, mfu: flo
         else:  # the policy's ranks decode
             tp, engines, sequences = None, 0, ENGINE_SEQUENCES
         return _plan(step, uses, model, ds, mfu, accelerator_type=res.accelerator_type if res.gpus_per_role else None,
-                     accelerators=roles * ranks + engines, ranks=ranks, micro_batch=mb, seq_len=seq, lm_head=True,
-                     generated_tokens=sequences * generated, tokens_per_step=None,
-                     knob=_knob(ds, field, "resources.gpus_per_role"), engine_tp=tp)
+                     accelerators=math.ceil(bundles * res.gpus_per_role) + engines, ranks=ranks, micro_batch=mb,
+                     seq_len=seq, lm_head=True, generated_tokens=sequences * generated, tokens_per_step=None,
+                     knob=_knob(ds, field, "resources.ranks.policy"), engine_tp=tp)
     if isinstance(cfg, EvaluateConfig) and cfg.benchmarks is not None and cfg.resources.gpus_per_worker:
         return _plan_evaluation(step, uses, cfg, model, mfu)
     return None

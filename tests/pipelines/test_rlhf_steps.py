@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 from corral import load_model, tracking
 from corral.checkpoint import export_hf, save_model
@@ -301,13 +302,13 @@ def test_vllm_rollouts_follow_the_policy_through_in_memory_weight_syncs(ray_clus
     from corral.data.formats import prompt_messages
     from corral.engine import SamplingParams
     from corral.registry import model_cache
-    from corral.rlhf.actors import PolicyActor, RoleGroup
+    from corral.rlhf.actors import PolicyActor, Role, RoleGroup
     from corral.rlhf.config import RoleResources, RolloutConfig
     from corral.rlhf.generators import start_rollouts
 
     resources = RoleResources(**ROLES)
     optim = OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant")
-    group = RoleGroup({"policy": (PolicyActor, (vllm_policy, DeepSpeedConfig(zero_stage=3, bf16=False), optim, 8))},
+    group = RoleGroup({"policy": Role(PolicyActor, (vllm_policy, DeepSpeedConfig(zero_stage=3, bf16=False), optim, 8))},
                       resources, "vLLM rollouts")
     prompts = [tokenizer.encode_chat(prompt_messages(r["prompt"])) for r in TaskSuite(0).rl_prompts(8, "eval", 0.5)]
     greedy = SamplingParams(temperature=0.0, max_tokens=16)
@@ -365,3 +366,146 @@ def test_rejection_sampling_with_vllm_rollouts(ray_cluster, mlflow_server, model
     summary = json.loads(open(out["summary"]).read())
     assert {"heldout_reward_delta", "heldout_exact_match_end"} <= summary.keys()
     assert load_model(out["model"]).config == VLLM_SMALL
+
+
+FP32 = {"zero_stage": 3, "bf16": False}
+COMPARED = ("reward", "kl", "response_length", "policy_loss", "value_loss", "approx_kl", "entropy", "clip_fraction",
+            "grad_norm")
+
+
+def short_ppo(models, tmp_path, **extra):
+    """Three iterations of 16 rollouts in minibatches of 8, fp32, no held-out set: the smallest PPO
+    run in which every update (two steps an iteration) feeds the next rollout."""
+    cfg = rl_config(models, tmp_path, iterations=3, rollout_batch_size=16, minibatch_size=8, max_kl=50.0,
+                    deepspeed=FP32, optim={"lr": 5e-4, "warmup_steps": 0, "schedule": "constant"},
+                    critic_optim={"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"}, **extra)
+    cfg["prompts"]["n_eval"] = 0
+    return cfg
+
+
+@pytest.mark.slow
+def test_two_rank_policy_and_critic_groups_train_as_one_rank_roles(ray_cluster, mlflow_server, models, tmp_path):
+    """The same PPO run with the policy and critic as 2-rank ZeRO-3 groups and as 1-rank roles.
+
+    Each rank takes half of every minibatch, its loss weighted by its share of the minibatch's
+    response tokens (`shard_rows`), so the group's averaged gradient is the whole minibatch's, and
+    the two runs differ only by float summation order (the reduce-scatter adds two halves): same
+    sampled tokens, same rewards, losses equal to 1e-4 relative. Every rank of every role also
+    reports that its model's forward only ever received tensors on the role's own device."""
+    from corral.checkpoint import load_tokenizer
+    from corral.rlhf.actors import RoleGroup
+    from corral.rlhf.config import PPOConfig
+    from corral.rlhf.generators import PolicyRollouts
+    from corral.rlhf.ppo import ppo_roles, train_ppo
+    from corral.rlhf.rollout import load_prompts
+
+    def run(ranks: dict) -> tuple[list[dict], dict, dict]:
+        cfg = PPOConfig.model_validate(short_ppo(models, tmp_path / f"r{len(ranks)}",
+                                                 resources=ROLES | {"ranks": ranks}))
+        train, _ = load_prompts(cfg.prompts)
+        run_id = tracking.start_run("test-rlhf", f"groups-{ranks}")
+        group = RoleGroup(ppo_roles(cfg, models["policy"], models["helpful"], models["safety"]), cfg.resources, "PPO")
+        try:
+            result = train_ppo(cfg, group, PolicyRollouts(group), load_tokenizer(models["policy"]), train, 0.01,
+                               run_id, tmp_path / f"r{len(ranks)}" / "policy")
+            seen = group.get({role: group.remote(role, "inputs_seen") for role in group.actors}, "reporting devices",
+                             every_rank=True)
+        finally:
+            group.shutdown()
+            tracking.end_run(run_id)
+        return result["history"], seen, group.placement
+
+    groups, seen, placement = run({"policy": 2, "critic": 2})
+    single, _, _ = run({})
+    assert [len(placement[r]) for r in ("policy", "critic", "reference", "helpful", "safety")] == [2, 2, 1, 1, 1]
+    assert len({p["pid"] for ranks in placement.values() for p in ranks}) == 7  # one process per rank
+    assert [p["rank"] for p in placement["policy"]] == [0, 1]
+    assert {p["dtype"] for role in ("policy", "critic") for p in placement[role]} == {"torch.float32"}
+    for role, ranks in seen.items():
+        for rank in ranks:
+            assert rank["seen"] == [rank["device"]], (role, rank)  # forwards ran, on the role's device only
+    assert len(groups) == len(single) == 3
+    for key in COMPARED:
+        a, b = [h[key] for h in groups], [h[key] for h in single]
+        print(f"{key}: largest relative difference, 2 ranks vs 1: "
+              f"{max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)):.2e}")
+        assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                     rtol=1e-4, atol=1e-6, msg=f"{key}: 2 ranks {a}, 1 rank {b}")
+
+
+@pytest.mark.slow
+def test_ppo_rerun_continues_after_the_last_save_in_the_same_run(ray_cluster, mlflow_server, models, tmp_path,
+                                                                 monkeypatch):
+    """A PPO step that stops during iteration 2 (saving after every iteration) and is run again
+    continues at iteration 2 in the same MLflow run, with the policy, critic, optimizers and
+    generators of the save: its metrics are those of an uninterrupted run. Iteration 2's losses
+    average two minibatches, the second taken after an Adam step, so they depend on the restored
+    optimizer state as well as on the weights."""
+    from corral.rlhf import ppo as loop
+    from pipelines.steps import ppo
+
+    make_experience = loop.make_experience
+
+    def stopped_at_2(group, rollouts, tokenizer, records, cfg, beta, seed):
+        if seed == cfg.seed * 1_000_003 + 2:
+            raise RuntimeError("stopped at iteration 2 (the test's stand-in for a lost node)")
+        return make_experience(group, rollouts, tokenizer, records, cfg, beta, seed)
+
+    config = short_ppo(models, tmp_path / "resumed", save_every=1)
+    monkeypatch.setattr(loop, "make_experience", stopped_at_2)
+    with pytest.raises(RuntimeError, match="stopped at iteration 2"):
+        ppo.run(config, {})
+    monkeypatch.undo()
+    out = tmp_path / "resumed" / "out"
+    first_run = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    assert tracking.client().get_run(first_run).info.status == "FAILED"
+    assert torch.load(out / "state" / "driver.pt", weights_only=True)["next"] == 2
+    resumed = ppo.run(config, {})["mlflow_run_id"]
+    assert resumed == first_run and tracking.client().get_run(resumed).info.status == "FINISHED"
+    straight = ppo.run(short_ppo(models, tmp_path / "straight", save_every=1), {})["mlflow_run_id"]
+    for key in COMPARED:
+        a, b = tracking.metric_history(straight, key), tracking.metric_history(resumed, key)
+        assert [s for s, _ in b] == [0, 1, 2], (key, b)  # iterations 0-1 from the first attempt, 2 from the re-run
+        assert_close(torch.tensor([v for _, v in b], dtype=torch.float64),
+                     torch.tensor([v for _, v in a], dtype=torch.float64), rtol=1e-5, atol=1e-7,
+                     msg=f"{key}: resumed {b}, uninterrupted {a}")
+
+
+@pytest.mark.slow
+def test_rejection_sampling_rerun_continues_after_the_last_saved_round(ray_cluster, mlflow_server, models, tmp_path,
+                                                                       monkeypatch):
+    """Rejection sampling stopped in round 1 continues there on a re-run, in the same MLflow run, with
+    the policy, its optimizer and the best answers of round 0: its rounds log what an uninterrupted
+    run's do, and it keeps the same answers."""
+    from corral.rlhf import rejection as loop
+    from pipelines.steps import rejection_sampling
+
+    def config(name):
+        cfg = rl_config(models, tmp_path / name, rounds=2, samples_per_prompt=2, epochs=1, micro_batch_size=8,
+                        seq_len=96, deepspeed=FP32, optim={"lr": 1e-4, "warmup_steps": 0, "schedule": "constant"})
+        cfg["prompts"] |= {"n_train": 16, "n_eval": 0}
+        return cfg
+
+    sample_and_score, calls = loop.sample_and_score, []
+
+    def stopped_in_round_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped in round 1")
+        return sample_and_score(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "sample_and_score", stopped_in_round_1)
+    with pytest.raises(RuntimeError, match="stopped in round 1"):
+        rejection_sampling.run(config("resumed"), {})
+    monkeypatch.undo()
+    resumed = rejection_sampling.run(config("resumed"), {})
+    straight = rejection_sampling.run(config("straight"), {})
+    first_run = json.loads((tmp_path / "resumed" / "out" / "mlflow_run.json").read_text())["run_id"]
+    assert resumed["mlflow_run_id"] == first_run
+    for key in ("sample_reward_mean", "kept_reward_mean", "sft_loss"):
+        a = tracking.metric_history(straight["mlflow_run_id"], key)
+        b = tracking.metric_history(resumed["mlflow_run_id"], key)
+        assert [s for s, _ in b] == [0, 1], (key, b)
+        assert_close(torch.tensor([v for _, v in b], dtype=torch.float64),
+                     torch.tensor([v for _, v in a], dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    assert read_records(resumed["kept"], "sft") == read_records(straight["kept"], "sft")

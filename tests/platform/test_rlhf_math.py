@@ -135,3 +135,58 @@ def test_ptx_rows_hand_out_every_row_once_per_pass_and_reject_data_that_does_not
                     '{"role": "assistant", "content": "ok"}]}\n')
     with pytest.raises(ValueError, match="no dialog fits in seq_len 32"):
         PtxRows(PtxConfig(coef=1.0, data=[str(data)], seq_len=32), tokenizer, seed=0)
+
+
+def test_token_weighted_shards_give_the_whole_minibatch_token_mean_and_gradient():
+    """A minibatch cut over ranks with `shard_rows` weights: the mean over ranks of weight x the
+    rank's token mean (what DeepSpeed's data-parallel gradient average computes) is the token mean
+    of the whole minibatch, loss and gradient alike, however unevenly the tokens fall."""
+    from corral.rlhf.actors import shard_rows
+    from corral.train.losses import masked_mean
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=gen)
+    mask = (torch.rand(5, 7, generator=gen) < 0.5).float()
+    mask[3] = 0  # a row with no response token
+    w = torch.randn(7, requires_grad=True)
+    whole = masked_mean(x * w, mask)
+    (g_whole,) = torch.autograd.grad(whole, w)
+    for ranks in (1, 2, 3):
+        shards = shard_rows({"x": x, "mask": mask}, ranks, mask.sum(1))
+        assert sum(len(s["x"]) for s, _ in shards) == 5
+        parts = [weight * masked_mean(s["x"] * w, s["mask"]) for s, weight in shards]
+        mean = sum(parts) / ranks
+        assert_close(mean, whole)
+        assert_close(torch.autograd.grad(mean, w)[0], g_whole)
+        if ranks == 2:  # unequal shares (here 3 rows and 2 rows): an unweighted mean of the ranks' means differs
+            assert not torch.allclose(sum(masked_mean(s["x"] * w, s["mask"]) for s, _ in shards) / 2, whole)
+    (only, weight), = shard_rows({"x": x}, 1, mask.sum(1))
+    assert weight == 1.0 and torch.equal(only["x"], x)
+
+
+def test_to_device_moves_every_nested_tensor():
+    """The helper every role method passes its inputs through (checked with the meta device: a device
+    other than this CPU's, that every machine has)."""
+    from corral.rlhf.actors import to_device
+
+    batch = {"tokens": torch.zeros(2, 3, dtype=torch.long), "rows": [torch.ones(2), (torch.ones(1), 5)], "n": 3}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["tokens"].device.type == "meta" and moved["tokens"].dtype == torch.long
+    assert moved["rows"][0].device.type == "meta" and moved["rows"][1][0].device.type == "meta"
+    assert isinstance(moved["rows"][1], tuple) and moved["rows"][1][1] == 5 and moved["n"] == 3
+    assert batch["tokens"].device.type == "cpu"  # the input is left as it was
+
+
+def test_role_group_sizes_are_checked_in_the_config():
+    from pydantic import ValidationError
+
+    from corral.rlhf.config import PPOConfig, RejectionSamplingConfig, RoleResources
+
+    assert RoleResources(ranks={"policy": 2}).ranks_of("policy") == 2
+    assert RoleResources(ranks={"policy": 2}).ranks_of("critic") == 1
+    with pytest.raises(ValidationError, match="'reference' is not a trained role"):
+        RoleResources(ranks={"reference": 2})
+    with pytest.raises(ValidationError, match=r"minibatch_size \(2\) is below resources.ranks \(4\)"):
+        PPOConfig(rollout_batch_size=8, minibatch_size=2, resources={"ranks": {"critic": 4}})
+    with pytest.raises(ValidationError, match=r"micro_batch_size \(2\) is below the policy's ranks \(4\)"):
+        RejectionSamplingConfig(micro_batch_size=2, resources={"ranks": {"policy": 4}})

@@ -33,18 +33,38 @@ class PromptsConfig(BaseModel):
     safety_fraction: float = Field(default=0.3, ge=0, le=1, description="share of safety-family prompts")
 
 
+TRAINED_ROLES = ("policy", "critic")  # the roles that may be N-rank ZeRO-3 groups
+
+
 class RoleResources(BaseModel):
-    """One placement-group bundle per role. 0.5 CPU each lets the five PPO roles share a 2-core
-    machine (they mostly wait on one another); on a cluster give the trained roles a GPU each."""
+    """One placement-group bundle per rank: a trained role (policy, critic) has `ranks[role]` of
+    them, one ZeRO-3 group over the ranks; a frozen role (reference, reward models) has one.
+    0.5 CPU a bundle lets the five PPO roles share a 2-core machine (they mostly wait on one
+    another); on a cluster give each bundle one GPU and size the groups with `ranks`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    cpus_per_role: float = Field(default=0.5, gt=0)
-    gpus_per_role: float = Field(default=0, ge=0)
+    cpus_per_role: float = Field(default=0.5, gt=0, description="CPUs of each bundle (a rank, or a frozen role)")
+    gpus_per_role: float = Field(default=0, ge=0, description="GPUs of each bundle (a rank, or a frozen role)")
+    ranks: dict[str, int] = Field(default={}, description="ranks of the policy's and critic's ZeRO-3 groups "
+                                  "(e.g. {policy: 8, critic: 8}); a role not named has 1")
     accelerator_type: str | None = None
     strategy: str = Field(default="PACK", pattern="^(PACK|SPREAD|STRICT_PACK|STRICT_SPREAD)$",
                           description="PACK: one machine if it fits, else spread over several")
     call_timeout_s: float = Field(default=3600, gt=0, description="a role call that takes longer fails the step")
+
+    @model_validator(mode="after")
+    def _check_ranks(self) -> "RoleResources":
+        for role, n in self.ranks.items():
+            if role not in TRAINED_ROLES:
+                raise ValueError(f"resources.ranks: {role!r} is not a trained role; only {', '.join(TRAINED_ROLES)} "
+                                 f"run as groups of ranks (the reference and reward models are one actor each)")
+            if n < 1:
+                raise ValueError(f"resources.ranks.{role}: {n} ranks; give at least 1")
+        return self
+
+    def ranks_of(self, role: str) -> int:
+        return self.ranks.get(role, 1)
 
 
 class RolloutConfig(BaseModel):
@@ -106,6 +126,14 @@ class RejectionSamplingConfig(RLStepConfig):
     micro_batch_size: int = Field(default=8, ge=1)
     seq_len: int = Field(default=256, ge=8, description="packed SFT rows")
     optim: OptimConfig = OptimConfig(lr=2e-5, warmup_steps=0, schedule="constant")  # the SFT LR, no schedule
+    save_every: int = Field(default=1, ge=1, description="rounds between resumable state saves")
+
+    @model_validator(mode="after")
+    def _check_batches(self) -> "RejectionSamplingConfig":
+        if self.micro_batch_size < self.resources.ranks_of("policy"):
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) is below the policy's ranks "
+                             f"({self.resources.ranks_of('policy')}): every rank needs a row of each step")
+        return self
 
 
 class PtxConfig(BaseModel):
@@ -139,7 +167,8 @@ class PPOConfig(RLStepConfig):
     critic_warmup: int = Field(default=0, ge=0, description="first iterations train only the critic (OpenRLHF's "
                                "freezing_actor_steps): a critic fresh from the reward model predicts rewards, not "
                                "returns, and its early advantages are noise")
-    save_every: int = Field(default=10, ge=1, description="iterations between policy checkpoints")
+    save_every: int = Field(default=10, ge=1, description="iterations between policy checkpoints and resumable "
+                            "state saves (policy, critic, optimizers, iteration, RNG)")
     samples_every: int = Field(default=10, ge=1, description="iterations between MLflow sample tables")
     sample_rows: int = Field(default=8, ge=1)
     optim: OptimConfig = OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant")  # paper: constant 1e-6
@@ -151,6 +180,13 @@ class PPOConfig(RLStepConfig):
         if self.minibatch_size > self.rollout_batch_size:
             raise ValueError(f"minibatch_size ({self.minibatch_size}) exceeds rollout_batch_size "
                              f"({self.rollout_batch_size})")
+        ranks = max(self.resources.ranks_of(r) for r in TRAINED_ROLES)
+        if self.minibatch_size < ranks:
+            raise ValueError(f"minibatch_size ({self.minibatch_size}) is below resources.ranks ({ranks}): every "
+                             f"rank needs a sequence of each minibatch")
+        if self.ptx.coef > 0 and self.ptx.rows_per_step < self.resources.ranks_of("policy"):
+            raise ValueError(f"ptx.rows_per_step ({self.ptx.rows_per_step}) is below the policy's ranks "
+                             f"({self.resources.ranks_of('policy')}): every rank needs a row of each step")
         return self
 
     def beta_for(self, model: ModelConfig) -> float:

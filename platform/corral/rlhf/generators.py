@@ -236,7 +236,7 @@ class VllmRollouts:
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
                 ).remote(hf_dir, cfg, seed))
-            self.where = group.get({f"vllm engine {i}": e.ready.remote() for i, e in enumerate(self.engines)},
+            self.where = group.get({f"vllm engine {i}": [e.ready.remote()] for i, e in enumerate(self.engines)},
                                    "starting")
             if self.transport == "broadcast":
                 self.join_broadcast_group()
@@ -250,10 +250,10 @@ class VllmRollouts:
         self.transport = "broadcast"
         host, port = self.group.call("policy", "sync_address", doing="opening the weight-sync group")
         world = 1 + self.cfg.num_engines * self.cfg.vllm.tensor_parallel_size
-        refs = {f"vllm engine {i}": e.join_sync_group.remote(host, port, 1 + i * self.cfg.vllm.tensor_parallel_size,
-                                                             world, self.backend)
+        refs = {f"vllm engine {i}": [e.join_sync_group.remote(host, port, 1 + i * self.cfg.vllm.tensor_parallel_size,
+                                                              world, self.backend)]
                 for i, e in enumerate(self.engines)}
-        refs["policy"] = self.group["policy"].join_sync_group.remote(host, port, world, self.backend)
+        refs["policy"] = [self.group["policy"].join_sync_group.remote(host, port, world, self.backend)]  # rank 0
         self.group.get(refs, "joining the weight-sync group")
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
@@ -263,18 +263,18 @@ class VllmRollouts:
                       for i in range(len(prompts))]
         n, k = len(prompts), len(self.engines)
         bounds = [n * j // k for j in range(k + 1)]
-        refs = {f"vllm engine {j}": e.generate.remote(prompts[bounds[j]:bounds[j + 1]],
-                                                      per_prompt[bounds[j]:bounds[j + 1]])
+        refs = {f"vllm engine {j}": [e.generate.remote(prompts[bounds[j]:bounds[j + 1]],
+                                                       per_prompt[bounds[j]:bounds[j + 1]])]
                 for j, e in enumerate(self.engines) if bounds[j + 1] > bounds[j]}
         out = self.group.get(refs, "sampling")
         return [ids for j in range(k) for ids in out.get(f"vllm engine {j}", [])]
 
     def sync(self) -> dict:
         """The policy's current weights into every engine, in memory."""
-        self.group.get({f"vllm engine {i}": e.start_weight_update.remote() for i, e in enumerate(self.engines)},
+        self.group.get({f"vllm engine {i}": [e.start_weight_update.remote()] for i, e in enumerate(self.engines)},
                        "syncing weights")
         stats = self.group.call("policy", "push_weights", self.engines, self.transport, doing="syncing weights")
-        self.group.get({f"vllm engine {i}": e.finish_weight_update.remote() for i, e in enumerate(self.engines)},
+        self.group.get({f"vllm engine {i}": [e.finish_weight_update.remote()] for i, e in enumerate(self.engines)},
                        "syncing weights")
         return stats
 

@@ -25,23 +25,28 @@ from corral.data.formats import read_all
 from corral.data.sft import encode_record, packed_rows
 from corral.data.tasks import TaskSuite
 from corral.engine import SamplingParams
-from corral.rlhf.actors import CriticActor, PolicyActor, ReferenceActor, RewardActor, RoleGroup
+from corral.rlhf.actors import CriticActor, PolicyActor, ReferenceActor, RewardActor, Role, RoleGroup, shard_rows
 from corral.rlhf.config import PPOConfig, PtxConfig
 from corral.rlhf.generators import Rollouts
 from corral.rlhf.objectives import gae, logit, ppo_token_rewards, whiten
-from corral.train.losses import token_kl
+from corral.rlhf.resume import StepState
 from corral.rlhf.rollout import Samples, pad_rollouts, sample_and_score
+from corral.train.losses import IGNORE, token_kl
 from corral.tokenizer import Tokenizer
 
 
-def ppo_roles(cfg: PPOConfig, policy: str, helpful: str, safety: str) -> dict[str, tuple]:
-    """The five roles: two trained under DeepSpeed, three frozen."""
+TRAINED = ("policy", "critic")
+
+
+def ppo_roles(cfg: PPOConfig, policy: str, helpful: str, safety: str) -> dict[str, Role]:
+    """The five roles: two trained under DeepSpeed (groups of `resources.ranks`), three frozen."""
+    ranks = cfg.resources.ranks_of
     return {
-        "policy": (PolicyActor, (policy, cfg.deepspeed, cfg.optim, cfg.minibatch_size)),
-        "critic": (CriticActor, (helpful, cfg.deepspeed, cfg.critic_optim, cfg.minibatch_size)),
-        "reference": (ReferenceActor, (policy, cfg.deepspeed.bf16)),
-        "helpful": (RewardActor, (helpful,)),
-        "safety": (RewardActor, (safety,)),
+        "policy": Role(PolicyActor, (policy, cfg.deepspeed, cfg.optim, cfg.minibatch_size), ranks("policy")),
+        "critic": Role(CriticActor, (helpful, cfg.deepspeed, cfg.critic_optim, cfg.minibatch_size), ranks("critic")),
+        "reference": Role(ReferenceActor, (policy, cfg.deepspeed.bf16)),
+        "helpful": Role(RewardActor, (helpful,)),
+        "safety": Role(RewardActor, (safety,)),
     }
 
 
@@ -60,9 +65,9 @@ def make_experience(group: RoleGroup, rollouts: Rollouts, tokenizer: Tokenizer, 
     s = sample_and_score(group, rollouts, tokenizer, records, params, cfg.safety_threshold)
     t1 = time.perf_counter()
     tokens, mask = pad_rollouts(s.prompt_ids, s.response_ids)
-    out = group.get({"policy": group["policy"].logprobs.remote(tokens),
-                     "reference": group["reference"].logprobs.remote(tokens),
-                     "critic": group["critic"].values.remote(tokens)}, "scoring the rollouts")
+    out = group.get({"policy": group.remote("policy", "logprobs", tokens),
+                     "reference": group.remote("reference", "logprobs", tokens),
+                     "critic": group.remote("critic", "values", tokens)}, "scoring the rollouts")
     kl = token_kl(out["policy"], out["reference"], mask)
     score = whiten(logit(s.reward))  # (bsz,)
     rewards = ppo_token_rewards(score, kl, mask, beta)
@@ -92,6 +97,13 @@ class PtxRows:
         self.gen = torch.Generator().manual_seed(seed)
         self.order, self.at = torch.randperm(self.n, generator=self.gen), 0
 
+    def state(self) -> dict:
+        return {"gen": self.gen.get_state(), "order": self.order, "at": self.at}
+
+    def restore(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.order, self.at = state["order"], state["at"]
+
     def next(self) -> dict[str, torch.Tensor]:
         if self.at + self.per_step > self.n:
             self.order, self.at = torch.randperm(self.n, generator=self.gen), 0
@@ -102,17 +114,28 @@ class PtxRows:
 
 def ppo_update(group: RoleGroup, batch: dict[str, torch.Tensor], cfg: PPOConfig, gen: torch.Generator,
                train_policy: bool = True, ptx: PtxRows | None = None) -> dict[str, float]:
-    """Shuffled minibatches, one gradient step each on policy and critic; the mean of their stats."""
+    """Shuffled minibatches, one gradient step each on policy and critic; the mean of their stats.
+
+    Each group's ranks share a minibatch (`shard_rows`: weighted by response tokens, so N ranks take
+    the same step as one)."""
     stats: dict[str, list[float]] = {}
     n = batch["tokens"].shape[0]
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.minibatch_size):
             mb = {k: v[order[i:i + cfg.minibatch_size]] for k, v in batch.items()}
-            calls = {"critic": group["critic"].train_values.remote(mb, cfg.value_clip)}
+            tokens = mb["mask"].sum(1)
+            critic = [(rows, cfg.value_clip, w) for rows, w in shard_rows(mb, group.size["critic"], tokens)]
+            calls = {"critic": group.remote("critic", "train_values", shards=critic)}
             if train_policy:
-                calls["policy"] = group["policy"].train_ppo.remote(
-                    mb, cfg.clip, None if ptx is None else ptx.next(), cfg.ptx.coef)
+                shards = shard_rows(mb, group.size["policy"], tokens)
+                if ptx is None:
+                    shards = [(rows, cfg.clip, None, 0.0, w, 1.0) for rows, w in shards]
+                else:
+                    rows = ptx.next()
+                    ptx_shards = shard_rows(rows, group.size["policy"], (rows["labels"] != IGNORE).sum(1))
+                    shards = [(r, cfg.clip, p, cfg.ptx.coef, w, pw) for (r, w), (p, pw) in zip(shards, ptx_shards)]
+                calls["policy"] = group.remote("policy", "train_ppo", shards=shards)
             out = group.get(calls, "training")
             for k, v in (out.get("policy", {}) | out["critic"]).items():
                 stats.setdefault(k, []).append(v)
@@ -133,11 +156,21 @@ def ptx_rows(cfg: PPOConfig, tokenizer: Tokenizer) -> PtxRows | None:
 
 
 def train_ppo(cfg: PPOConfig, group: RoleGroup, rollouts: Rollouts, tokenizer: Tokenizer, prompts: list[dict],
-              beta: float, run_id: str, policy_dir: Path, ptx: PtxRows | None = None) -> dict:
-    """The PPO loop. Returns {"iterations", "last_good", "stop_reason", "history"}."""
+              beta: float, run_id: str, policy_dir: Path, ptx: PtxRows | None = None, state: StepState | None = None,
+              resumed: dict | None = None, keep: dict | None = None) -> dict:
+    """The PPO loop. Returns {"iterations", "last_good", "stop_reason", "history"}.
+
+    With `state`, the policy, critic, optimizers, generators and iteration are saved every
+    `save_every` iterations (with `keep`, what the step wants back on resume); `resumed` (what
+    `state.load()` returned) continues the loop at the iteration after that save."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    history, last_good, stop_reason = [], None, None
-    for it in range(cfg.iterations):
+    history, last_good, stop_reason, first = [], None, None, 0
+    if resumed is not None:
+        first, last_good, history = resumed["next"], resumed["last_good"], resumed["history"]
+        gen.set_state(resumed["gen"])
+        if ptx is not None:
+            ptx.restore(resumed["ptx"])
+    for it in range(first, cfg.iterations):
         start = it * cfg.rollout_batch_size
         records = [prompts[(start + j) % len(prompts)] for j in range(cfg.rollout_batch_size)]
         exp = make_experience(group, rollouts, tokenizer, records, cfg, beta, seed=cfg.seed * 1_000_003 + it)
@@ -165,6 +198,9 @@ def train_ppo(cfg: PPOConfig, group: RoleGroup, rollouts: Rollouts, tokenizer: T
             bad = [k for k, v in metrics.items() if not math.isfinite(v)]
             stop_reason = f"iteration {it}: {', '.join(bad)} became NaN; kept the policy of iteration {last_good}"
             break
+        if state is not None and ((it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations):
+            state.save({"next": it + 1, "last_good": last_good, "history": history, "gen": gen.get_state(),
+                        "ptx": None if ptx is None else ptx.state(), "keep": keep})
     else:
         group.call("policy", "save", str(policy_dir), {"stage": "ppo", "iteration": cfg.iterations},
                    doing="saving")

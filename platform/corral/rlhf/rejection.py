@@ -15,28 +15,42 @@ from corral import tracking
 from corral.data.formats import prompt_messages
 from corral.data.sft import encode_dialog, packed_rows
 from corral.engine import SamplingParams
-from corral.rlhf.actors import PolicyActor, RewardActor, RoleGroup
+from corral.rlhf.actors import PolicyActor, RewardActor, Role, RoleGroup, shard_rows
 from corral.rlhf.config import RejectionSamplingConfig
 from corral.rlhf.generators import Rollouts
+from corral.rlhf.resume import StepState
 from corral.rlhf.rollout import correct, sample_and_score
 from corral.tokenizer import Tokenizer
+from corral.train.losses import IGNORE
 
 
-def rs_roles(cfg: RejectionSamplingConfig, policy: str, helpful: str, safety: str) -> dict[str, tuple]:
+TRAINED = ("policy",)
+
+
+def rs_roles(cfg: RejectionSamplingConfig, policy: str, helpful: str, safety: str) -> dict[str, Role]:
+    """The policy (trained, a group of `resources.ranks.policy`) and the two frozen reward models."""
     return {
-        "policy": (PolicyActor, (policy, cfg.deepspeed, cfg.optim, cfg.micro_batch_size)),
-        "helpful": (RewardActor, (helpful,)),
-        "safety": (RewardActor, (safety,)),
+        "policy": Role(PolicyActor, (policy, cfg.deepspeed, cfg.optim, cfg.micro_batch_size),
+                       cfg.resources.ranks_of("policy")),
+        "helpful": Role(RewardActor, (helpful,)),
+        "safety": Role(RewardActor, (safety,)),
     }
 
 
 def rejection_sampling(cfg: RejectionSamplingConfig, group: RoleGroup, rollouts: Rollouts, tokenizer: Tokenizer,
-                       prompts: list[dict], run_id: str) -> list[dict]:
+                       prompts: list[dict], run_id: str, state: StepState | None = None, resumed: dict | None = None,
+                       keep: dict | None = None) -> list[dict]:
     """All rounds, each logged to the run; returns the kept answers as SFT records (the dialogs the
-    policy was last fine-tuned on)."""
+    policy was last fine-tuned on).
+
+    With `state`, the policy, its optimizer, the best answers so far and the round are saved every
+    `save_every` rounds (with `keep`, what the step wants back); `resumed` continues after that save."""
     k, n = cfg.samples_per_prompt, len(prompts)
     best: list[tuple[float, str] | None] = [None] * n  # per prompt: (reward, reply), best of all rounds
-    for rnd in range(cfg.rounds):
+    first = 0
+    if resumed is not None:
+        first, best = resumed["next"], resumed["best"]
+    for rnd in range(first, cfg.rounds):
         params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens,
                                 seed=cfg.seed * 1_000_003 + rnd * n * k)
         s = sample_and_score(group, rollouts, tokenizer, [p for p in prompts for _ in range(k)], params,
@@ -62,11 +76,15 @@ def rejection_sampling(cfg: RejectionSamplingConfig, group: RoleGroup, rollouts:
         metrics["time_sync_s"] = time.perf_counter() - t0
         tracking.log_metrics(run_id, metrics, step=rnd)
         print(f"rejection sampling round {rnd}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-    return kept
+        if state is not None and ((rnd + 1) % cfg.save_every == 0 or rnd + 1 == cfg.rounds):
+            state.save({"next": rnd + 1, "best": best, "keep": keep})
+    return [{"messages": prompt_messages(p["prompt"]) + [{"role": "assistant", "content": reply}]}
+            for p, (_, reply) in zip(prompts, best)]
 
 
 def finetune(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer: Tokenizer, kept: list[dict]) -> float:
-    """`epochs` passes of the SFT loss over the kept answers, packed; the mean loss of the last pass."""
+    """`epochs` passes of the SFT loss over the kept answers, packed; the mean loss of the last pass.
+    The policy's ranks share each micro-batch, weighted by answer tokens (`shard_rows`)."""
     columns = packed_rows([encode_dialog(tokenizer, r["messages"]) for r in kept], cfg.seq_len)
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.epochs):
@@ -74,5 +92,7 @@ def finetune(cfg: RejectionSamplingConfig, group: RoleGroup, tokenizer: Tokenize
         for i in range(0, len(order), cfg.micro_batch_size):
             rows = order[i:i + cfg.micro_batch_size]
             batch = {k: v[rows] for k, v in columns.items()}
-            losses.append(group.call("policy", "train_sft", batch, doing="fine-tuning"))
+            shards = shard_rows(batch, group.size["policy"], (batch["labels"] != IGNORE).sum(1))
+            losses.append(group.get({"policy": group.remote("policy", "train_sft", shards=shards)},
+                                    "fine-tuning")["policy"])
     return sum(losses) / len(losses)

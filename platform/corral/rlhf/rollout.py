@@ -77,8 +77,8 @@ def sample_and_score(group: RoleGroup, rollouts: Rollouts, tokenizer: Tokenizer,
     response_ids = rollouts.generate(prompt_ids, params)
     replies = [tokenizer.decode([t for t in ids if t != tokenizer.eos_id]) for ids in response_ids]
     finished = [d + [{"role": "assistant", "content": reply}] for d, reply in zip(dialogs, replies)]
-    scores = group.get({"helpful": group["helpful"].score.remote(finished),
-                        "safety": group["safety"].score.remote(finished)}, "scoring")
+    scores = group.get({"helpful": group.remote("helpful", "score", finished),
+                        "safety": group.remote("safety", "score", finished)}, "scoring")
     unsafe = torch.tensor([bool(r.get("safety")) for r in records])
     reward = combined_reward(scores["helpful"], scores["safety"], unsafe, safety_threshold)
     return Samples(records, prompt_ids, response_ids, replies, scores["helpful"], scores["safety"], reward, unsafe)

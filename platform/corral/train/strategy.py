@@ -178,7 +178,11 @@ class DeepSpeedStrategy:
             if weights is not None:
                 fill_parameters(model, weights())
         else:
-            with deepspeed.zero.Init(config_dict_or_path=self.deepspeed_config(), dtype=self.dtype):
+            # the dtype comes from the config's bf16 flag: an explicit `dtype=` is dropped on a machine
+            # without fp16 (a CPU) by DeepSpeed 0.19's `Init._set_dtype`, whose `dtype or fp16 if ... else
+            # bf16 if get_accelerator().is_bf16_supported else fp32` (a method, always true) gives bf16:
+            # "fp32" ZeRO-3 then held bf16 parameters and reduced bf16 gradients.
+            with deepspeed.zero.Init(config_dict_or_path=self.deepspeed_config()):
                 model = make_model()
             if weights is not None:
                 fill_partitions(model, weights(), self.rank)
