@@ -45,6 +45,7 @@ from corral.config import DedupConfig
 SEED = 1  # datasketch's default permutation seed: every actor and the verification must agree
 SCHEME = "affine32"  # datasketch 2's default: 32-bit hash values, stored as uint32
 BUCKET_PAIRS = 64  # above this many documents, a bucket's pairs are its members with its smallest id
+ROWS_PER_PARTITION = 2_000_000  # of a shuffle's (id, key...) rows: ~100-200 MB a reducer holds
 
 
 def normalise(text: str) -> str:
@@ -142,19 +143,30 @@ def find_duplicates(docs, cfg: DedupConfig, work_dir: str | Path, blocked_domain
                      ).write_parquet(str(sig_dir))
     bands = [f"band_{i}" for i in range(len(lsh_bands(cfg)))]
     keys = ray.data.read_parquet(str(sig_dir)).select_columns(["id", "exact", *bands])
+    n_docs = keys.count()  # from the Parquet footers
     if cfg.exact:
-        ranked = keys.groupby("exact").map_groups(_first_of_each_copy, batch_format="numpy").materialize()
+        ranked = (keys.groupby("exact", num_partitions=_partitions(n_docs))
+                  .map_groups(_first_of_each_copy, batch_format="numpy").materialize())
     else:
         ranked = keys.map_batches(lambda b: {**b, "exact_copy": np.zeros(len(b["id"]), bool)}, batch_format="numpy")
     drops = ranked.filter(expr=col("exact_copy")).map_batches(
         lambda b: {"id": b["id"], "near": np.zeros(len(b["id"]), bool)}, batch_format="numpy")
     if cfg.near:
         pairs = (ranked.filter(expr=~col("exact_copy")).map_batches(_band_rows, batch_format="numpy")
-                 .groupby("band").map_groups(_bucket_pairs, batch_format="numpy"))
+                 .groupby("band", num_partitions=_partitions(n_docs * len(bands)))
+                 .map_groups(_bucket_pairs, batch_format="numpy"))
         near = near_copies(pairs, sig_dir, cfg)
         drops = drops.union(ray.data.from_numpy(near).map_batches(
             lambda b: {"id": b["data"], "near": np.ones(len(b["data"]), bool)}, batch_format="numpy"))
     return drops
+
+
+def _partitions(rows: int) -> int:
+    """Hash partitions of a shuffle of `rows` rows: one per `ROWS_PER_PARTITION`, at most Ray's
+    default (200), which alone costs minutes of task start-up on a small machine for a small corpus."""
+    from ray.data import DataContext
+
+    return max(1, min(DataContext.get_current().default_hash_shuffle_parallelism, rows // ROWS_PER_PARTITION + 1))
 
 
 def near_copies(pairs, sig_dir: Path, cfg: DedupConfig) -> np.ndarray:
