@@ -4,8 +4,8 @@ Exact copies: documents whose text, lower-cased with whitespace collapsed, has t
 Near copies: documents whose word shingles (`shingle_words`-word n-grams of the lower-cased words)
 have an estimated Jaccard similarity of at least `threshold`, estimated by MinHash with `num_perm`
 permutations and found by LSH banding (datasketch's `MinHash`, and its `MinHashLSH` for the number
-of bands b and rows r that minimise the false positive and negative probabilities at `threshold`:
-b=9, r=13 at 0.8 and 128 permutations). Every document has an id, (file index << 32) | its
+of bands b and rows r that minimise the weighted false positive and negative probabilities at
+`threshold`: b=12, r=10 at 0.8 and 128 permutations; `LSH_WEIGHTS`). Every document has an id, (file index << 32) | its
 position in the file, files in path order, so "the first copy" means the same on every run and
 the kept document of a group is its smallest id.
 
@@ -45,6 +45,11 @@ from corral.config import DedupConfig
 SEED = 1  # datasketch's default permutation seed: every actor and the verification must agree
 SCHEME = "affine32"  # datasketch 2's default: 32-bit hash values, stored as uint32
 BUCKET_PAIRS = 64  # above this many documents, a bucket's pairs are its members with its smallest id
+# datasketch's weights of false positives and negatives when it picks the bands: a missed duplicate
+# stays in the data, a false candidate costs one check. (0.2, 0.8) at 0.8 / 128: b=12 bands of r=10
+# rows; a pair at J=0.8 is a candidate with probability 0.74, at 0.85 0.93, at 0.9 0.994 ((0.5, 0.5):
+# b=9, r=13; 0.40, 0.69, 0.93).
+LSH_WEIGHTS = (0.2, 0.8)
 ROWS_PER_PARTITION = 2_000_000  # of a shuffle's (id, key...) rows: ~100-200 MB a reducer holds
 
 
@@ -70,7 +75,7 @@ def lsh_bands(cfg: DedupConfig) -> list[tuple[int, int]]:
     """The (start, end) of each band of the MinHash, as datasketch's `MinHashLSH` chooses them."""
     from datasketch import MinHashLSH
 
-    return MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm).hashranges
+    return MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=LSH_WEIGHTS).hashranges
 
 
 class Signatures:
@@ -133,7 +138,8 @@ def find_duplicates(docs, cfg: DedupConfig, work_dir: str | Path, blocked_domain
                     num_actors: int = 1):
     """The documents of `docs` (a Ray Dataset of `id`, `text`, `status`, `url`) to drop, as a Ray
     Dataset of `id` and `near` (False: an exact copy); `work_dir` (storage every node mounts)
-    holds the signatures while it runs. The same rows whatever the blocks of `docs`."""
+    holds the signatures while it runs. The same rows whatever the blocks of `docs`, whose
+    object-store budget (its context's) bounds the documents in flight while they are signed."""
     import ray
     from ray.data.expressions import col
 
