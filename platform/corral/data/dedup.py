@@ -11,8 +11,9 @@ the kept document of a group is its smallest id.
 
 The work is hash partitioned; no node holds a set of all hashes:
 
-1. a `map_batches` actor computes per document its exact hash, its b band keys and its MinHash,
-   written as Parquet beside the output (the MinHashes are read back only for candidates);
+1. a `map_batches` actor computes per document its exact hash, its b band keys and its MinHash;
+   it writes the MinHashes as Parquet beside the output itself (they are read back only for
+   candidates), so the stream carries only the keys, ~110 bytes a document;
 2. exact: the (id, exact hash, band keys) rows are grouped by exact hash (a Ray Data shuffle);
    each group keeps its smallest id;
 3. near: the kept documents' (band key, id) rows are grouped by band key; each bucket of two or
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +81,15 @@ def lsh_bands(cfg: DedupConfig) -> list[tuple[int, int]]:
 
 
 class Signatures:
-    """`map_batches` actor: per readable document (`skip_reason` None), its id, exact hash, band
-    keys (`band_0` ...: 8 bytes of a hash of the band index and its rows) and MinHash (uint32 bytes)."""
+    """`map_batches` actor: per readable document (`skip_reason` None), its id, exact hash and band
+    keys (`band_0` ...: 8 bytes of a hash of the band index and its rows); its MinHash (uint32
+    bytes) goes with its id to a Parquet file of the batch's in `minhash_dir`, not into the stream
+    (a retried batch writes its file again: the same ids, read back once)."""
 
-    def __init__(self, cfg: DedupConfig, blocked_domains: tuple[str, ...] = ()):
+    def __init__(self, cfg: DedupConfig, minhash_dir: str, blocked_domains: tuple[str, ...] = ()):
         from datasketch import MinHash
 
-        self.cfg, self.blocked_domains = cfg, list(blocked_domains)
+        self.cfg, self.minhash_dir, self.blocked_domains = cfg, Path(minhash_dir), list(blocked_domains)
         self.template = MinHash(num_perm=cfg.num_perm, seed=SEED, scheme=SCHEME)  # permutations made once
         self.bands = lsh_bands(cfg)
 
@@ -105,7 +109,13 @@ class Signatures:
         out = {"id": np.asarray(ids, dtype=np.int64), "exact": np.asarray(exact, dtype=np.int64)}
         for i, (start, end) in enumerate(self.bands):
             out[f"band_{i}"] = np.array([_band_key(i, row[start:end]) for row in hv], dtype=np.int64)
-        out["minhash"] = np.array([row.tobytes() for row in hv], dtype=object)
+        if len(hv):
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            self.minhash_dir.mkdir(parents=True, exist_ok=True)
+            table = pa.table({"id": out["id"], "minhash": [row.tobytes() for row in hv]})
+            pq.write_table(table, self.minhash_dir / f"{uuid.uuid4().hex}.parquet")
         return out
 
 
@@ -143,25 +153,24 @@ def find_duplicates(docs, cfg: DedupConfig, work_dir: str | Path, blocked_domain
     import ray
     from ray.data.expressions import col
 
-    sig_dir = Path(work_dir) / "signatures"
-    docs.map_batches(Signatures, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
-                     fn_constructor_kwargs=dict(cfg=cfg, blocked_domains=tuple(blocked_domains))
-                     ).write_parquet(str(sig_dir))
-    bands = [f"band_{i}" for i in range(len(lsh_bands(cfg)))]
-    keys = ray.data.read_parquet(str(sig_dir)).select_columns(["id", "exact", *bands])
-    n_docs = keys.count()  # from the Parquet footers
+    minhash_dir = Path(work_dir) / "minhash"
+    keys = docs.map_batches(Signatures, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
+                            fn_constructor_kwargs=dict(cfg=cfg, minhash_dir=str(minhash_dir),
+                                                       blocked_domains=tuple(blocked_domains))).materialize()
+    n_docs, n_bands = keys.count(), len(lsh_bands(cfg))
     if cfg.exact:
         ranked = (keys.groupby("exact", num_partitions=_partitions(n_docs))
                   .map_groups(_first_of_each_copy, batch_format="numpy").materialize())
+        del keys  # its blocks leave the object store
     else:
         ranked = keys.map_batches(lambda b: {**b, "exact_copy": np.zeros(len(b["id"]), bool)}, batch_format="numpy")
     drops = ranked.filter(expr=col("exact_copy")).map_batches(
         lambda b: {"id": b["id"], "near": np.zeros(len(b["id"]), bool)}, batch_format="numpy")
     if cfg.near:
         pairs = (ranked.filter(expr=~col("exact_copy")).map_batches(_band_rows, batch_format="numpy")
-                 .groupby("band", num_partitions=_partitions(n_docs * len(bands)))
+                 .groupby("band", num_partitions=_partitions(n_docs * n_bands))
                  .map_groups(_bucket_pairs, batch_format="numpy"))
-        near = near_copies(pairs, sig_dir, cfg)
+        near = near_copies(pairs, minhash_dir, cfg)
         drops = drops.union(ray.data.from_numpy(near).map_batches(
             lambda b: {"id": b["data"], "near": np.ones(len(b["data"]), bool)}, batch_format="numpy"))
     return drops
@@ -175,7 +184,7 @@ def _partitions(rows: int) -> int:
     return max(1, min(DataContext.get_current().default_hash_shuffle_parallelism, rows // ROWS_PER_PARTITION + 1))
 
 
-def near_copies(pairs, sig_dir: Path, cfg: DedupConfig) -> np.ndarray:
+def near_copies(pairs, minhash_dir: Path, cfg: DedupConfig) -> np.ndarray:
     """The ids that near deduplication drops: candidate `pairs` (a Ray Dataset of `a`, `b`) verified
     with datasketch's Jaccard estimate, then every connected component's ids but its smallest."""
     import ray
@@ -187,7 +196,7 @@ def near_copies(pairs, sig_dir: Path, cfg: DedupConfig) -> np.ndarray:
     ab = np.unique(np.stack([np.concatenate([b["a"] for b in batches]),
                              np.concatenate([b["b"] for b in batches])], axis=1), axis=0)  # (pairs, 2), each once
     wanted = np.unique(ab)
-    found = ray.data.read_parquet(str(sig_dir)).select_columns(["id", "minhash"]).map_batches(
+    found = ray.data.read_parquet(str(minhash_dir)).map_batches(
         lambda b: {k: v[np.isin(b["id"], wanted)] for k, v in b.items()}, batch_format="numpy")
     sketch = {int(i): LeanMinHash(seed=SEED, hashvalues=np.frombuffer(h, dtype=np.uint32), scheme=SCHEME)
               for b in found.iter_batches(batch_format="numpy", batch_size=None) for i, h in zip(b["id"], b["minhash"])}
