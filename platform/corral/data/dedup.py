@@ -161,7 +161,7 @@ def find_duplicates(docs, cfg: DedupConfig, work_dir: str | Path, blocked_domain
     if cfg.exact:
         ranked = (keys.groupby("exact", num_partitions=_partitions(n_docs))
                   .map_groups(_first_of_each_copy, batch_format="numpy").materialize())
-        del keys  # its blocks leave the object store
+        del keys  # its blocks leave the object store (with the caller's collection)
     else:
         ranked = keys.map_batches(lambda b: {**b, "exact_copy": np.zeros(len(b["id"]), bool)}, batch_format="numpy")
     drops = ranked.filter(expr=col("exact_copy")).map_batches(
