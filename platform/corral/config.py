@@ -184,8 +184,9 @@ class DedupConfig(BaseModel):
     near: bool = Field(default=False, description="drop documents whose estimated Jaccard similarity of word "
                        "shingles to another is at least `threshold`; one per cluster is kept")
     threshold: float = Field(default=0.8, gt=0, lt=1, description="Jaccard similarity of shingle sets from which "
-                             "two documents are near duplicates (0.8: a few words changed in a page); LSH makes "
-                             "pairs at 0.8 candidates with probability 0.74, at 0.9 0.994, at the defaults (docs/data.md)")
+                             "two documents are near duplicates (0.8: a few words changed in a page); at the "
+                             "defaults LSH makes pairs at 0.8 candidates with probability 0.74, at 0.9 0.994 "
+                             "(docs/data.md)")
     num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations: the estimate's standard "
                           "error is about sqrt(J(1-J)/num_perm), 0.035 at J=0.8")
     shingle_words: int = Field(default=5, ge=1, description="words per shingle (lower-cased word n-grams)")

@@ -83,8 +83,9 @@ def test_prepare_data_drops_planted_duplicates_counts_exact(ray_cluster, mlflow_
     assert dedup["tokens_removed_share"] == removed / (removed + kept_tokens)
     assert (dedup["threshold"], dedup["num_perm"], dedup["shingle_words"]) == (0.8, 128, 5)
     assert not (tmp_path / "data" / ".dedup").exists()  # the signatures and drop lists are gone
-    for key, value in (("skipped_exact_duplicate", EXACT), ("skipped_near_duplicate", NEAR),
-                       ("dedup_tokens_removed", removed), ("dedup_tokens_removed_share", dedup["tokens_removed_share"])):
+    metrics = {"skipped_exact_duplicate": EXACT, "skipped_near_duplicate": NEAR, "dedup_tokens_removed": removed,
+               "dedup_tokens_removed_share": dedup["tokens_removed_share"]}
+    for key, value in metrics.items():
         assert tracking.metric_history(run_id, key) == [(0, float(value))]
 
     # the originals were kept, not their copies: no copy's markers or upper case in the tokens

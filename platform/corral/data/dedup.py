@@ -5,9 +5,9 @@ Near copies: documents whose word shingles (`shingle_words`-word n-grams of the 
 have an estimated Jaccard similarity of at least `threshold`, estimated by MinHash with `num_perm`
 permutations and found by LSH banding (datasketch's `MinHash`, and its `MinHashLSH` for the number
 of bands b and rows r that minimise the weighted false positive and negative probabilities at
-`threshold`: b=12, r=10 at 0.8 and 128 permutations; `LSH_WEIGHTS`). Every document has an id, (file index << 32) | its
-position in the file, files in path order, so "the first copy" means the same on every run and
-the kept document of a group is its smallest id.
+`threshold`: b=12, r=10 at 0.8 and 128 permutations; `LSH_WEIGHTS`). Every document has an id,
+(file index << 32) | its position in the file, files in path order, so "the first copy" means the
+same on every run and the kept document of a group is its smallest id.
 
 The work is hash partitioned; no node holds a set of all hashes:
 
@@ -23,10 +23,12 @@ The work is hash partitioned; no node holds a set of all hashes:
    datasketch's Jaccard estimate >= threshold; connected components of the verified pairs
    (union-find on the driver) keep each component's smallest id.
 
-Step 4 is the only one on the driver: 16 bytes a candidate pair and `4 * num_perm` bytes a
-candidate document, which web crawls hold to a few percent of the corpus (a 100M-pair corpus
-needs ~2 GB there). Beyond that the same components come from label propagation over Ray Data
-joins of the pairs, a few rounds of O(pairs) shuffles; not built, since no corpus here needs it.
+Step 4 is the only one on the driver: 16 bytes a candidate pair, and a candidate document's
+MinHash (`4 * num_perm` bytes) and union-find entry (~200 bytes of Python objects): ~7 GB for 10M
+candidate documents, a few percent of a web crawl's hundreds of millions. Beyond that the same
+components come from label propagation over Ray Data joins of the pairs (a few rounds of O(pairs)
+shuffles) and the verification from a join of the pairs with the MinHashes; not built, since no
+corpus here needs it.
 
 The result, `(id, near)` rows of the documents to drop, is written as one small `.npy` per corpus
 file (grouped by file index), which the second read of that file looks up: the documents are
