@@ -3,7 +3,8 @@
 inputs: `tokenizer` (a directory or tokenizer.model; `config.tokenizer` wins).
 outputs: `data` (the prepared directory, what pretrain reads) and `manifest`.
 In a pipeline the manifest's counts (tokens, documents and skips, personal information replaced
-by kind) go to the step's MLflow run as metrics, the sample of replacements as an artifact.
+by kind, duplicates dropped and the share of tokens they held) go to the step's MLflow run as
+metrics, the sample of replacements as an artifact.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ def run(config: PrepareDataConfig | dict, inputs: dict) -> dict:
 
 
 def manifest_metrics(manifest: dict) -> dict[str, float]:
-    """The manifest's counts as flat MLflow metrics: `train_tokens`, `documents`, `skipped_*`,
-    `dropped_tokens`, `pii_<kind>`."""
+    """The manifest's counts as flat MLflow metrics: `train_tokens`, `documents`, `skipped_*` (with
+    `skipped_exact_duplicate`, `skipped_near_duplicate`), `dropped_tokens`, `pii_<kind>`,
+    `dedup_tokens_removed` and `dedup_tokens_removed_share`."""
     metrics = {f"{split}_{k}": v[k] for split, v in manifest["splits"].items() for k in ("tokens", "blocks")}
     metrics |= manifest["documents"] | {"dropped_tokens": manifest["dropped_tokens"]}
+    if manifest.get("dedup"):
+        metrics |= {f"dedup_{k}": manifest["dedup"][k] for k in ("tokens_removed", "tokens_removed_share")}
     return metrics | {f"pii_{k}": n for k, n in (manifest["pii"] or {}).items()}

@@ -173,6 +173,25 @@ class TokenizerConfig(BaseModel):
     output_dir: str | None = Field(default=None, description="None = the pipeline's step directory")
 
 
+class DedupConfig(BaseModel):
+    """Duplicate documents dropped before tokenisation (corral.data.dedup; docs/data.md): exact copies by
+    a hash of the normalised text, near copies by MinHash LSH (datasketch), across the whole corpus."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exact: bool = Field(default=False, description="drop documents whose text, lower-cased with whitespace "
+                        "collapsed, equals an earlier one's (the first in file order is kept)")
+    near: bool = Field(default=False, description="drop documents whose estimated Jaccard similarity of word "
+                       "shingles to another is at least `threshold`; one per cluster is kept")
+    threshold: float = Field(default=0.8, gt=0, lt=1, description="Jaccard similarity of shingle sets from which "
+                             "two documents are near duplicates (0.8: a few words changed in a page); at the "
+                             "defaults LSH makes pairs at 0.8 candidates with probability 0.74, at 0.9 0.994 "
+                             "(docs/data.md)")
+    num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations: the estimate's standard "
+                          "error is about sqrt(J(1-J)/num_perm), 0.035 at J=0.8")
+    shingle_words: int = Field(default=5, ge=1, description="words per shingle (lower-cased word n-grams)")
+
+
 class PrepareDataConfig(BaseModel):
     """The data preparation step: corpus files -> packed token blocks + manifest."""
 
@@ -191,6 +210,8 @@ class PrepareDataConfig(BaseModel):
                             "and IBANs by typed placeholders (corral.data.hygiene); counts in the manifest")
     blocked_domains: list[str] = Field(default=[], description="drop documents whose JSONL `url` is on one of these "
                                        "domains or under it (sites known to hold much personal information)")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="exact and near-duplicate removal; "
+                               "off unless switched on (the 7B-70B specs do)")
     docs_per_batch: int = Field(default=16, gt=0, description="documents packed together by one UDF call; "
                                 "each batch drops its last partial block per split")
     num_tokenizer_actors: int = Field(default=1, ge=1)

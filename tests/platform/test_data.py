@@ -154,7 +154,8 @@ class PeakMemory:
 @pytest.mark.slow
 def test_preparation_memory_does_not_grow_with_the_corpus(ray_cluster, tokenizer, corpus, tmp_path):
     """~10M and ~50M tokens: the same driver and object-store peaks (within 1.5x), 5x the tokens;
-    with the 7B-70B specs' PII scrubbing on, so the filters keep the bound too."""
+    with the 7B-70B specs' filters on (PII scrubbing, exact and near deduplication), so the
+    filters keep the bound too."""
     from corral.data.demo import synthetic_corpus
     from pipelines.steps import prepare_data
 
@@ -164,9 +165,11 @@ def test_preparation_memory_does_not_grow_with_the_corpus(ray_cluster, tokenizer
         src = synthetic_corpus(tmp_path / name, play, n_words, seed=len(name))
         with PeakMemory() as peak:
             out = prepare_data.run({"inputs": [str(src)], "seq_len": 255, "val_fraction": 0.01, "shard_blocks": 8192,
-                                    "docs_per_batch": 256, "object_store_mb": 48, "scrub_pii": True, "tokenizer": str(tokenizer.path),
+                                    "docs_per_batch": 256, "object_store_mb": 48, "scrub_pii": True,
+                                    "dedup": {"exact": True, "near": True}, "tokenizer": str(tokenizer.path),
                                     "output_dir": str(tmp_path / f"{name}-data")}, {})
         manifest = read_manifest(out["data"])
+        assert manifest["dedup"]["exact_duplicates"] == 0  # random sentences: nothing to remove, all of it compared
         tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["validation"]["tokens"]
         results[name] = {"tokens": tokens, "driver_mib": peak.driver / 2**20, "object_store_mib": peak.object_store / 2**20}
         shutil.rmtree(src)

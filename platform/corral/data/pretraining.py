@@ -23,6 +23,7 @@ driver only lists files and reads the totals at the end. Write tasks write shard
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from ray.data import Datasink
 from corral.checkpoint import atomic_dir, load_tokenizer
 from corral.config import PrepareDataConfig
 from corral.data import quiet_progress_bars
+from corral.data.dedup import find_duplicates, read_drops, write_drops
 from corral.data.hygiene import KINDS as PII_KINDS
 from corral.data.hygiene import blocked, mask, scrub_pii
 from corral.data.reader import MIX_SHARDS
@@ -45,6 +47,7 @@ from corral.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 PII_SAMPLES_FILE = "pii_samples.jsonl"
+DEDUP_DIR = ".dedup"  # signatures and drop lists while the step runs, removed before the output is complete
 SPLITS = ("train", "validation")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -123,6 +126,55 @@ def jsonl_file_docs(row: dict) -> list[dict]:
     return docs
 
 
+def parquet_file_docs(row: dict) -> list[dict]:
+    """Each row of a Parquet file's `text` column is one document (a null is an empty one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = pq.read_table(pa.BufferReader(row["bytes"]), columns=["text"]).column("text").to_pylist()
+    return [{"text": t or "", "status": "ok", "url": ""} for t in texts]
+
+
+FILE_DOCS = {"text": text_file_docs, "jsonl": jsonl_file_docs, "parquet": parquet_file_docs}
+
+
+def read_documents(files: dict[str, list[str]], drops_dir: Path | None = None):
+    """The documents of the files `list_corpus` found, as a Ray Dataset of `id`, `text`, `status`,
+    `url`. A document's id is (file << 32) | its position in the file, files numbered in path order
+    (whatever order they are read in); with `drops_dir` (`corral.data.dedup.write_drops`), the
+    status of each document deduplication drops is `exact_duplicate` or `near_duplicate`.
+
+    A file is read whole by one task (Parquet too: positions in the file need all of it).
+    """
+    import ray
+
+    index = {_path_key(name): i for i, name in enumerate(sorted(n for names in files.values() for n in names))}
+
+    def numbered(kind: str):
+        def docs(row: dict) -> list[dict]:
+            file = index.get(_path_key(row["path"]))
+            if file is None:
+                raise CorpusError(f"Ray Data read {row['path']}, which is none of the corpus files listed "
+                                  f"({len(index)}); report this with the inputs used")
+            drops = read_drops(drops_dir, file) if drops_dir is not None else {}
+            out = FILE_DOCS[kind](row)
+            for j, doc in enumerate(out):
+                doc["id"] = file << 32 | j
+                if j in drops:
+                    doc["status"] = drops[j]
+            return out
+        return docs
+
+    parts = [ray.data.read_binary_files(names, include_paths=True).flat_map(numbered(kind))
+             for kind, names in files.items() if names]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _path_key(name: str) -> str:
+    """A file's path without its URI scheme: how Ray Data's `include_paths` names it."""
+    return name.split("://", 1)[-1]
+
+
 def corpus_texts(files: dict[str, list[str]]) -> Iterator[str]:
     """The readable documents of the files `list_corpus` found, one after another, read in the
     driver (the tokenizer step samples lines from them; `prepare_pretraining_data` reads the same
@@ -149,9 +201,22 @@ def in_validation(text: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
+DUPLICATES = ("exact_duplicate", "near_duplicate")
 STATS = ("documents", "skipped_undecodable", "skipped_empty", "skipped_no_text_field", "skipped_blocked_domain",
-         "dropped_tokens", *(f"pii_{kind}" for kind in PII_KINDS))
+         *(f"skipped_{d}" for d in DUPLICATES), "dropped_tokens", "duplicate_tokens",
+         *(f"pii_{kind}" for kind in PII_KINDS))
 PII_SAMPLES = 200  # replacements kept for review (masked), of the whole corpus
+
+
+def skip_reason(text: str, status: str, url: str, blocked_domains: list[str]) -> str | None:
+    """Why a document read from the corpus is not tokenised (its `skipped_*` count), or None."""
+    if status != "ok":
+        return status
+    if not text.strip():
+        return "empty"
+    if blocked(url, blocked_domains):
+        return "blocked_domain"
+    return None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -179,12 +244,11 @@ class PackBlocks:
         ids: dict[str, list[int]] = {s: [] for s in SPLITS}
         samples: list[dict] = []
         for text, status, url in zip(batch["text"], batch["status"], batch["url"]):
-            if status != "ok":
-                stats[f"skipped_{status}"] += 1
-            elif not text.strip():
-                stats["skipped_empty"] += 1
-            elif blocked(url, self.blocked_domains):
-                stats["skipped_blocked_domain"] += 1
+            reason = skip_reason(text, status, url, self.blocked_domains)
+            if reason is not None:
+                stats[f"skipped_{reason}"] += 1
+                if reason in DUPLICATES:  # what the duplicates would have cost: the share removed
+                    stats["duplicate_tokens"] += len(self.tokenizer.encode(text, bos=True, eos=True))
             else:
                 stats["documents"] += 1
                 split = "validation" if in_validation(text, self.val_fraction) else "train"  # of the text as found
@@ -266,8 +330,6 @@ def prepare_pretraining_data(config: PrepareDataConfig, out_dir: str | os.PathLi
     system every node mounts (write tasks run anywhere). `seed` shuffles the file order, so the
     documents of one shard come from across the corpus (training shuffles the rest).
     """
-    import ray
-
     files = list_corpus(config.inputs)  # first: a bad corpus fails before anything else
     tokenizer = load_tokenizer(tokenizer_path)
     block_len = config.seq_len + 1
@@ -282,53 +344,80 @@ def prepare_pretraining_data(config: PrepareDataConfig, out_dir: str | os.PathLi
     n_files = sum(len(v) for v in files.values())
     print(f"prepare_data: tokenising {n_files} files into {block_len}-token blocks "
           f"({config.num_tokenizer_actors} tokenizer actors), shards of {config.shard_blocks} blocks", flush=True)
-    parts = []
-    if files["text"]:
-        parts.append(ray.data.read_binary_files(files["text"]).flat_map(text_file_docs))
-    if files["jsonl"]:
-        parts.append(ray.data.read_binary_files(files["jsonl"]).flat_map(jsonl_file_docs))
-    if files["parquet"]:
-        parts.append(ray.data.read_parquet(files["parquet"], columns=["text"])
-                     .map(lambda row: {"text": row["text"] or "", "status": "ok", "url": ""}))
-    docs = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    packed = docs.map_batches(
+    budget = config.object_store_mb * 2**20
+    with atomic_dir(out_dir) as tmp:
+        dedup = config.dedup.exact or config.dedup.near
+        docs = _budgeted(read_documents(files), budget)
+        if dedup:
+            # A first read finds the duplicates; the second drops them where each file is read. The
+            # first holds no shards, which are most of the budget: it gets a quarter (with all of it,
+            # the memory test's 50M-token corpus peaked at 62 MiB vs 39 for 10M, 1.6x).
+            drops = find_duplicates(_budgeted(read_documents(files), budget // 4), config.dedup, tmp / DEDUP_DIR,
+                                    tuple(config.blocked_domains), config.num_tokenizer_actors)
+            counts = write_drops(drops, tmp / DEDUP_DIR / "drops")
+            del drops  # the keys and shuffle outputs leave the object store before tokenising (a Dataset
+            gc.collect()  # sits in reference cycles: without a collection they stayed, 69 vs 43 MiB peaks)
+            print(f"prepare_data: {counts['exact']:,} exact and {counts['near']:,} near duplicates to drop", flush=True)
+            docs = _budgeted(read_documents(files, tmp / DEDUP_DIR / "drops"), budget)
+        manifest = _tokenise(config, docs, tokenizer, block_len, tmp, dedup)
+        shutil.rmtree(tmp / DEDUP_DIR, ignore_errors=True)
+    return manifest
+
+
+def _budgeted(ds, budget: int):
+    """`ds` under the step's object-store budget. Without one, the reads run ahead of tokenisation
+    until Ray's default share of the object store is full (measured: 64 MB in flight for 10M
+    tokens, 280 MB for 50M): bounded by the store, not by the work. With it, Ray Data's streaming
+    executor holds back reads."""
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    return ds
+
+
+def _tokenise(config: PrepareDataConfig, docs, tokenizer: Tokenizer, block_len: int, tmp: Path,
+              dedup: bool) -> dict:
+    """Tokenise, pack and write `docs` into `tmp`, and write the manifest; the manifest."""
+    import ray
+
+    packed = _budgeted(docs.map_batches(
         PackBlocks, batch_size=config.docs_per_batch, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=config.num_tokenizer_actors),
         fn_constructor_kwargs=dict(tokenizer_path=str(tokenizer.path), block_len=block_len,
                                    val_fraction=config.val_fraction, scrub_pii=config.scrub_pii,
                                    blocked_domains=tuple(config.blocked_domains)),
-    )
-
-    # Without a budget the reads run ahead of tokenisation until Ray's default share of the object
-    # store is full (measured: 64 MB in flight for 10M tokens, 280 MB for 50M): bounded by the store,
-    # not by the work. With it, Ray Data's streaming executor holds back reads.
-    limits = packed.context.execution_options.resource_limits
-    packed.context.execution_options.resource_limits = limits.copy(object_store_memory=config.object_store_mb * 2**20)
-    with atomic_dir(out_dir) as tmp:
-        sink = ShardSink(tmp, config.shard_blocks)
-        packed.write_datasink(sink)  # streams: read, tokenise, pack and write overlap
-        stats = {k: v for k, v in sink.counts.items() if v}
-        blocks = {s: sum(sh["blocks"] for sh in sink.shards if sh["split"] == s) for s in SPLITS}
-        if stats.get("documents", 0) == 0 or blocks["train"] + blocks["validation"] == 0:
-            raise CorpusError(f"no training blocks from {', '.join(config.inputs)}: {_describe(stats)}; the "
-                              f"corpus needs at least {block_len} tokens of readable text")
-        print(f"prepare_data: {sum(blocks.values()):,} blocks from {stats['documents']:,} documents in "
-              f"{len(sink.shards)} shards", flush=True)
-        manifest = {"format": "npy", "dtype": token_dtype(tokenizer.vocab_size).name, "seq_len": config.seq_len,
-                    "block_len": block_len, "tokenizer_sha256": tokenizer.fingerprint,
-                    "vocab_size": tokenizer.vocab_size, "inputs": config.inputs, "val_fraction": config.val_fraction,
-                    "documents": {k: v for k, v in stats.items() if k != "dropped_tokens" and not k.startswith("pii_")},
-                    "dropped_tokens": stats.get("dropped_tokens", 0),
-                    "pii": {k: stats.get(f"pii_{k}", 0) for k in PII_KINDS} if config.scrub_pii else None,
-                    "blocked_domains": config.blocked_domains, "splits": {}}
-        for split in SPLITS:
-            shards = sorted(({"path": s["path"], "blocks": s["blocks"], "tokens": s["blocks"] * block_len}
-                             for s in sink.shards if s["split"] == split), key=lambda s: s["path"])
-            manifest["splits"][split] = {"shards": shards, "blocks": blocks[split], "tokens": blocks[split] * block_len}
-        if config.scrub_pii:
-            (tmp / PII_SAMPLES_FILE).write_text("".join(json.dumps(s) + "\n" for s in sink.pii_samples))
-        shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    ), config.object_store_mb * 2**20)
+    sink = ShardSink(tmp, config.shard_blocks)
+    packed.write_datasink(sink)  # streams: read, tokenise, pack and write overlap
+    stats = {k: v for k, v in sink.counts.items() if v}
+    blocks = {s: sum(sh["blocks"] for sh in sink.shards if sh["split"] == s) for s in SPLITS}
+    if stats.get("documents", 0) == 0 or blocks["train"] + blocks["validation"] == 0:
+        raise CorpusError(f"no training blocks from {', '.join(config.inputs)}: {_describe(stats)}; the "
+                          f"corpus needs at least {block_len} tokens of readable text")
+    print(f"prepare_data: {sum(blocks.values()):,} blocks from {stats['documents']:,} documents in "
+          f"{len(sink.shards)} shards", flush=True)
+    manifest = {"format": "npy", "dtype": token_dtype(tokenizer.vocab_size).name, "seq_len": config.seq_len,
+                "block_len": block_len, "tokenizer_sha256": tokenizer.fingerprint,
+                "vocab_size": tokenizer.vocab_size, "inputs": config.inputs, "val_fraction": config.val_fraction,
+                "documents": {k: v for k, v in stats.items() if not k.endswith("_tokens") and not k.startswith("pii_")},
+                "dropped_tokens": stats.get("dropped_tokens", 0),
+                "pii": {k: stats.get(f"pii_{k}", 0) for k in PII_KINDS} if config.scrub_pii else None,
+                "dedup": None,
+                "blocked_domains": config.blocked_domains, "splits": {}}
+    for split in SPLITS:
+        shards = sorted(({"path": s["path"], "blocks": s["blocks"], "tokens": s["blocks"] * block_len}
+                         for s in sink.shards if s["split"] == split), key=lambda s: s["path"])
+        manifest["splits"][split] = {"shards": shards, "blocks": blocks[split], "tokens": blocks[split] * block_len}
+    if dedup:
+        # the share of the tokens read (duplicates as found, the rest as tokenised) that deduplication removed
+        removed = stats.get("duplicate_tokens", 0)
+        read = sum(blocks.values()) * block_len + stats.get("dropped_tokens", 0)
+        manifest["dedup"] = {**config.dedup.model_dump(), "exact_duplicates": stats.get("skipped_exact_duplicate", 0),
+                             "near_duplicates": stats.get("skipped_near_duplicate", 0), "tokens_removed": removed,
+                             "tokens_removed_share": removed / (removed + read)}
+    if config.scrub_pii:
+        (tmp / PII_SAMPLES_FILE).write_text("".join(json.dumps(s) + "\n" for s in sink.pii_samples))
+    shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
