@@ -69,11 +69,12 @@ def test_the_big_specs_roll_out_on_vllm_engines_of_their_own_gpus(name):
     spec = load_spec(SPECS / f"{name}.yaml")
     plans = {p.step: p for p in spec.plan()}
     n = ModelConfig.preset(name).num_params()
-    for step, roles in (("rejection_sampling", 3), ("ppo", 5)):
+    for step, trained, frozen in (("rejection_sampling", ("policy",), 2), ("ppo", ("policy", "critic"), 3)):
         cfg = spec.step_config(step)
         tp = cfg.rollout.vllm.tensor_parallel_size
         assert cfg.rollout.engine == "vllm"
-        assert plans[step].accelerators == roles * cfg.resources.gpus_per_role + cfg.rollout.num_engines * tp
+        bundles = sum(cfg.resources.ranks_of(role) for role in trained) + frozen  # one per rank, one per frozen role
+        assert plans[step].accelerators == bundles * cfg.resources.gpus_per_role + cfg.rollout.num_engines * tp
         assert 2 * n // tp < plans[step].kv_cache_bytes <= plans[step].per_accelerator_bytes
     assert load_spec(SPECS / "llama2-tiny.yaml").step_config("ppo").rollout.engine == "corral"
     if name == "llama2-70b":
