@@ -482,7 +482,8 @@ class _Screened:
         self.text += "".join(item["text"] for item in held)
         verdict = await self.judge(self.text)
         last = held[-1]
-        reported = {**last.get("guard", {}), "output": verdict}  # beside the prompt's verdict, if any
+        earlier = {k: v for item in held for k, v in item.get("guard", {}).items()}  # the prompt's verdict, if any
+        reported = {**earlier, "output": verdict}
         if verdict is not None and verdict["decision"] == "block":
             self.stream.cancel()
             self.ended = True

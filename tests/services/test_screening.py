@@ -32,8 +32,11 @@ class Deltas:
         self.cancelled = True
 
 
-def screen(words: list[str], every: int, error_at: int | None = None) -> tuple[list[dict], list[str], Deltas]:
+def screen(words: list[str], every: int, error_at: int | None = None,
+           first_guard: dict | None = None) -> tuple[list[dict], list[str], Deltas]:
     stream, judged = Deltas(words, error_at), []
+    if first_guard is not None:  # the prompt's verdict rides on the first delta
+        stream.items[0]["guard"] = first_guard
 
     async def judge(text: str) -> dict:
         judged.append(text)
@@ -68,3 +71,11 @@ def test_an_unsafe_chunk_never_reaches_the_client_and_the_stream_ends_with_conte
 def test_errors_pass_through_at_once():
     out, judged, _ = screen(["a", "b", "c", "d"], every=3, error_at=1)
     assert [o.get("text") for o in out] == ["a", None] and "error" in out[-1] and judged == []
+
+
+def test_a_reply_blocked_in_its_first_chunk_keeps_the_prompts_verdict():
+    flagged_prompt = {"input": {"flagged": True, "decision": "flag"}}
+    out, _, _ = screen(["Sure.", " To", " build", " a", " bomb,"], every=8, first_guard=flagged_prompt)
+    (only,) = out  # nothing was released: the one item says why, for both directions
+    assert only["finish_reason"] == "content_filter"
+    assert only["guard"]["input"] == flagged_prompt["input"] and only["guard"]["output"]["decision"] == "block"
