@@ -308,8 +308,8 @@ def test_vllm_rollouts_follow_the_policy_through_in_memory_weight_syncs(ray_clus
 
     resources = RoleResources(**ROLES)
     optim = OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant")
-    group = RoleGroup({"policy": Role(PolicyActor, (vllm_policy, DeepSpeedConfig(zero_stage=3, bf16=False), optim, 8))},
-                      resources, "vLLM rollouts")
+    group = RoleGroup({"policy": Role(PolicyActor, (vllm_policy, DeepSpeedConfig(zero_stage=3, bf16=False), optim, 8),
+                                      ranks=1)}, resources, "vLLM rollouts")
     prompts = [tokenizer.encode_chat(prompt_messages(r["prompt"])) for r in TaskSuite(0).rl_prompts(8, "eval", 0.5)]
     greedy = SamplingParams(temperature=0.0, max_tokens=16)
     rows = packed_rows([encode_record(tokenizer, r) for r in TaskSuite(1).sft_dialogs(48)], SMALL.max_seq_len)
