@@ -147,8 +147,55 @@ def ray_cluster(mlflow_server, tmp_path_factory):
     os.environ.update(WORKER_PRIORITY)  # as `corral up`: training workers at the driver's priority
     # replicas download registered models into this session's own cache, not ~/.cache
     os.environ["CORRAL_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
-    ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server,
-                                       "CORRAL_MODEL_CACHE": os.environ["CORRAL_MODEL_CACHE"]}})
+    # Ray's state API (used by Ray Train's own actors too) finds "the" cluster through the last one
+    # started on this machine unless told; other tests start clusters of their own, so say which.
+    dashboard = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+    ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard,
+             log_to_driver=True,
+             runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server, "CORRAL_MODEL_CACHE": os.environ["CORRAL_MODEL_CACHE"],
+                                       "RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}})
     yield ray
     ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leftover_ray_resources(request):
+    """After each module on the session's cluster, nothing of the module's may go on holding its
+    CPUs: a placement group or an actor left behind would starve every later module (a training
+    run waiting for its workers forever). Serve's actors (the session's applications) are exempt.
+    Leftovers are named on stderr, where pytest's capture does not hide them, and removed."""
+    yield
+    import signal
+    import sys
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_actors
+
+    left = []
+    for pg_id, pg in ray.util.placement_group_table().items():
+        if pg["state"] != "REMOVED":
+            left.append(f"placement group {pg['name'] or pg_id} ({pg['state']}, {pg['bundles']})")
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    try:
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000, timeout=30,
+                             raise_on_missing_output=False)
+    except Exception as e:  # the check must not fail the module it follows
+        actors = []
+        left.append(f"(the actors could not be listed: {e})")
+    for actor in actors:
+        needs = actor.required_resources or {}
+        if actor.ray_namespace != "serve" and (needs.get("CPU") or needs.get("GPU")):
+            left.append(f"actor {actor.class_name} pid {actor.pid} ({needs})")
+            if actor.name:
+                ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace))
+            else:
+                os.kill(actor.pid, signal.SIGKILL)
+    if left:
+        sys.__stderr__.write(f"\nleft on the Ray cluster after {request.module.__name__}, now removed:\n  "
+                             + "\n  ".join(left) + "\n")

@@ -151,6 +151,9 @@ class ResourcesConfig(BaseModel):
     cpus_per_worker: float = Field(default=1, gt=0)
     gpus_per_worker: float = Field(default=0, ge=0, description="0 trains on CPU")
     accelerator_type: str | None = Field(default=None, description="e.g. 'A100' or 'H100'; None = any")
+    placement_timeout_s: float | None = Field(
+        default=900, gt=0, description="fail, naming what did not fit, if the cluster cannot place the workers in "
+        "this time (an autoscaler may be adding nodes); None = wait as long as it takes")
 
 
 class TrackingConfig(BaseModel):

@@ -242,6 +242,22 @@ def test_bad_data_fails_before_any_worker_starts(prepared, tmp_path):
     assert not train_workers()
 
 
+def test_workers_the_cluster_cannot_place_fail_the_run_in_time_naming_them(prepared, tmp_path):
+    """Ray Train alone would wait for 64 CPUs on this 8-CPU cluster forever."""
+    import ray
+
+    from corral.placement import PlacementFailed
+    from pipelines.steps import pretrain
+
+    huge = config(prepared, tmp_path)
+    huge["resources"] |= {"cpus_per_worker": 32, "placement_timeout_s": 5}
+    with pytest.raises(PlacementFailed, match=r"training pretrain: the cluster cannot place 2 x \{'CPU': 32.*"
+                                              r"within 5s; free now: .*Lower resources.num_workers"):
+        pretrain.run(huge, {})
+    assert not train_workers()
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
 @pytest.mark.slow
 def test_a_checkpoint_of_two_workers_continues_on_one_and_back_and_exports_for_transformers(prepared, tmp_path):
     """Elastic resume: 2 ZeRO-3 workers train to step 4, 1 worker continues to 8, 2 workers finish

@@ -98,7 +98,8 @@ def test_chat_scales_out_on_its_pool_and_drains_on_scale_in(long_context_models)
         with tempfile.TemporaryDirectory(prefix="rs-", dir="/tmp") as tmp:  # short: Ray's socket paths
             env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
                    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
-            env.pop("RAY_ADDRESS", None)  # its own cluster, never one this shell points at
+            for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # its own cluster, never the session's
+                env.pop(var, None)
             ports = {"dashboard_port": free_port()}  # the GCS picks a free port itself
             done = subprocess.run([sys.executable, __file__, json.dumps(config), json.dumps(ports)], env=env,
                                   capture_output=True, text=True, timeout=420)

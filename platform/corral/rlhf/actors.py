@@ -36,13 +36,14 @@ from typing import Any
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from corral.checkpoint import WeightReader, load_model, load_tokenizer, read_config, save_model
 from corral.config import DeepSpeedConfig, OptimConfig
 from corral.engine import Engine, SamplingParams
 from corral.model import Transformer, WeightSource
+from corral.placement import bundle, reserve
 from corral.reward import RewardModel, load_reward_model, reward_checkpoint
 from corral.rlhf.generators import free_port, push_weights, sync_group
 from corral.rlhf.config import RoleResources
@@ -373,21 +374,11 @@ class RoleGroup:
 
     def __init__(self, roles: dict[str, Role], resources: RoleResources, what: str = "RLHF"):
         self.what, self.timeout = what, resources.call_timeout_s
-        bundle = {"CPU": resources.cpus_per_role}
-        if resources.gpus_per_role:
-            bundle["GPU"] = resources.gpus_per_role
-        if resources.accelerator_type:
-            bundle[f"accelerator_type:{resources.accelerator_type}"] = 0.001
         self.size = {name: role.ranks or 1 for name, role in roles.items()}
         n = sum(self.size.values())
-        self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=resources.strategy, name=f"corral-{what}")
-        try:
-            ray.get(self.pg.ready(), timeout=self.timeout)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.pg)
-            raise RoleFailed(f"{what}: the cluster cannot place {n} ranks of {bundle} each ({self.size}) "
-                             f"within {self.timeout:.0f}s; lower resources.cpus_per_role/gpus_per_role/ranks "
-                             f"or add nodes") from None
+        self.pg = reserve([bundle(resources.cpus_per_role, resources.gpus_per_role, resources.accelerator_type)] * n,
+                          resources.strategy, self.timeout, f"{what} ({self.size} ranks)",
+                          "Lower resources.cpus_per_role/gpus_per_role/ranks or add nodes.", name=f"corral-{what}")
         self.actors: dict[str, list] = {}
         first = 0
         for name, role in roles.items():

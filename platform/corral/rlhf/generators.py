@@ -33,12 +33,13 @@ from datetime import timedelta
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from corral.checkpoint import to_hf
 from corral.config import ModelConfig
 from corral.engine import SamplingParams
+from corral.placement import bundle, reserve
 from corral.rlhf.config import RoleResources, RolloutConfig
 from corral.vllm_engine import vllm_params
 
@@ -215,22 +216,15 @@ class VllmRollouts:
         gpus = cfg.vllm.tensor_parallel_size if resources.gpus_per_role else 0
         self.backend = "nccl" if gpus else "gloo"
         self.transport = cfg.sync if cfg.sync != "auto" else ("broadcast" if gpus else "object_store")
-        bundle = {"CPU": cfg.cpus_per_engine} | ({"GPU": 1} if gpus else {})
         self.pgs, self.engines = [], []
         try:
             for i in range(cfg.num_engines):
                 # one bundle per GPU of the engine; its tensor-parallel Ray workers take the other bundles
-                pg = placement_group([dict(bundle)] * max(1, gpus), strategy="STRICT_PACK", name=f"corral-vllm-{i}")
+                pg = reserve([bundle(cfg.cpus_per_engine, 1 if gpus else 0)] * max(1, gpus), "STRICT_PACK",
+                             resources.call_timeout_s, f"vLLM engine {i}", "Lower rollout.num_engines, "
+                             "rollout.cpus_per_engine or rollout.vllm.tensor_parallel_size, or add nodes.",
+                             name=f"corral-vllm-{i}")
                 self.pgs.append(pg)
-                try:
-                    ray.get(pg.ready(), timeout=resources.call_timeout_s)
-                except ray.exceptions.GetTimeoutError:
-                    from corral.rlhf.actors import RoleFailed
-
-                    raise RoleFailed(f"the cluster cannot place vLLM engine {i} ({max(1, gpus)} x {bundle}) within "
-                                     f"{resources.call_timeout_s:.0f}s; lower rollout.num_engines, "
-                                     f"rollout.cpus_per_engine or rollout.vllm.tensor_parallel_size, or add nodes"
-                                     ) from None
                 self.engines.append(VllmGenerator.options(
                     num_cpus=cfg.cpus_per_engine, num_gpus=1 if gpus == 1 else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(

@@ -219,8 +219,15 @@ def fit(job: TrainJob, datasets: dict):
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.placement_group import remove_placement_group
+
+    from corral.placement import bundle, reserve
 
     r = job.resources
+    workers = bundle(r.cpus_per_worker, r.gpus_per_worker, r.accelerator_type)
+    # Ray Train waits for its workers' resources without end; fail instead, saying what did not fit
+    remove_placement_group(reserve([workers] * r.num_workers, "PACK", r.placement_timeout_s, f"training {job.name}",
+                                   "Lower resources.num_workers/cpus_per_worker/gpus_per_worker, or add nodes."))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job, "datasets": datasets},
