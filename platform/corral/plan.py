@@ -40,10 +40,13 @@ tensors a real forward saves against these counts.
 Generation (rejection sampling, PPO rollouts): the KV cache of the engine's 64 sequences of
 prompt + max_new_tokens tokens, 2 * n_layers * n_kv_heads * head_dim * e bytes a token, and a
 bf16 copy of the weights, both split over the policy's accelerators (a tensor-parallel engine).
-RLHF roles are planned as `corral.rlhf.actors` places them (docs/cluster.md): the policy and critic
-are ZeRO-3 groups of `resources.ranks` ranks, one bundle of `gpus_per_role` accelerators each; the
-reference and reward models one bundle each. The busiest rank is the policy's (its share of the
-model states, its slice of a minibatch, and the engine's bf16 weights and KV cache).
+RLHF roles are planned as `corral.rlhf.actors` places them (docs/cluster.md): one bundle of
+`gpus_per_role` accelerators per rank; the policy and critic are ZeRO-3 groups of `resources.ranks`
+ranks; the reference and reward models one bundle each (their whole weights: the reference in the
+training dtype, a reward model in fp32), or ZeRO-3 inference groups where `resources.ranks` names
+them (1/N of the weights in the training dtype plus the largest layer, gathered). The busiest rank
+is the policy's (its share of the model states, its slice of a minibatch, and the engine's bf16
+weights and KV cache) or a frozen role's.
 
 Step time: 6 N FLOPs a token (forward and backward; 8 N with checkpointing, which recomputes the
 forward) over the step's accelerators at their dense bf16 peak times `mfu`.
@@ -114,6 +117,8 @@ class StepPlan:
     step_time_s: float | None  # at `mfu`; None on CPU and for RLHF steps (generation-bound)
     mfu: float
     knob: str  # where to turn when it does not fit: the field path in the step's config
+    frozen_role: str = ""  # RLHF: the frozen role (reference, reward model) whose rank holds the most
+    frozen_bytes: int = 0  # what one rank of it holds
 
     def problem(self) -> str | None:
         """Why the step cannot run on its accelerators, with the knob to turn; None when it fits."""
@@ -125,6 +130,8 @@ class StepPlan:
                  f"activations {self.activations_bytes / GB:.1f} GB, logits {self.logits_bytes / GB:.1f} GB")
         if self.kv_cache_bytes:
             parts += f", KV cache {self.kv_cache_bytes / GB:.1f} GB"
+        if self.frozen_bytes == self.per_accelerator_bytes:
+            parts = f"the {self.frozen_role} model's weights on one rank"
         return (f"step {self.step!r} needs {self.per_accelerator_bytes / GB:.1f} GB per {self.accelerator_type} "
                 f"({parts}), {short:.1f} GB more than its {self.accelerator_memory_bytes / GB:.0f} GB; {self.knob}")
 
@@ -222,10 +229,16 @@ def plan_step(step: str, uses: str, cfg: BaseModel, model: ModelConfig, mfu: flo
         generated = min(model.max_seq_len, PROMPT_TOKENS + cfg.max_new_tokens)  # prompt + reply
         if isinstance(cfg, PPOConfig):  # trains on the rollouts; roles: policy, critic, reference, 2 rewards
             rows, field, seq = cfg.minibatch_size, "minibatch_size", generated
-            bundles = ranks + res.ranks_of("critic") + 3
+            frozen = {"reference": dtype_bytes(ds), "helpful": 4, "safety": 4}  # a lone reward model is fp32
+            bundles = ranks + res.ranks_of("critic") + sum(res.ranks_of(r) for r in frozen)
         else:  # fine-tunes on packed rows of the best replies; roles: policy, 2 rewards
             rows, field, seq = cfg.micro_batch_size, "micro_batch_size", cfg.seq_len
-            bundles = ranks + 2
+            frozen = {"helpful": 4, "safety": 4}
+            bundles = ranks + sum(res.ranks_of(r) for r in frozen)
+        # a frozen role's rank: its weights, or under ZeRO-3 inference its share plus one gathered layer
+        frozen_bytes = {role: model.num_params() * e if res.group_of(role) is None else
+                        dtype_bytes(ds) * (model.num_params() / res.group_of(role) + largest_layer_params(model))
+                        for role, e in frozen.items()}
         mb = math.ceil(rows / (ranks * ds.grad_accum_steps))  # rows of one gradient step, over the group's ranks
         rollout = cfg.rollout
         if rollout.engine == "vllm":  # engines on GPUs of their own (corral.rlhf.generators)
@@ -236,7 +249,7 @@ def plan_step(step: str, uses: str, cfg: BaseModel, model: ModelConfig, mfu: flo
         return _plan(step, uses, model, ds, mfu, accelerator_type=res.accelerator_type if res.gpus_per_role else None,
                      accelerators=math.ceil(bundles * res.gpus_per_role) + engines, ranks=ranks, micro_batch=mb,
                      seq_len=seq, lm_head=True, generated_tokens=sequences * generated, tokens_per_step=None,
-                     knob=_knob(ds, field, "resources.ranks.policy"), engine_tp=tp)
+                     knob=_knob(ds, field, "resources.ranks.policy"), engine_tp=tp, frozen_bytes=frozen_bytes)
     if isinstance(cfg, EvaluateConfig) and cfg.benchmarks is not None and cfg.resources.gpus_per_worker:
         return _plan_evaluation(step, uses, cfg, model, mfu)
     return None
@@ -271,10 +284,12 @@ def _plan_evaluation(step: str, uses: str, cfg: EvaluateConfig, model: ModelConf
 
 def _plan(step: str, uses: str, model: ModelConfig, ds: DeepSpeedConfig, mfu: float, *, accelerator_type: str | None,
           accelerators: int, ranks: int, micro_batch: int, seq_len: int, lm_head: bool, generated_tokens: int,
-          tokens_per_step: int | None, knob: str, engine_tp: int | None = None) -> StepPlan:
+          tokens_per_step: int | None, knob: str, engine_tp: int | None = None,
+          frozen_bytes: dict[str, float] | None = None) -> StepPlan:
     """The busiest rank of a step: `ranks` share the model under ZeRO, each runs `micro_batch`
     sequences of `seq_len`; a step that generates also holds the engine's weights and KV cache, on the
-    same ranks, or with `engine_tp` on GPUs of its own (vLLM engines of that tensor-parallel size)."""
+    same ranks, or with `engine_tp` on GPUs of its own (vLLM engines of that tensor-parallel size).
+    `frozen_bytes`: what one rank of each frozen RLHF role holds, when one of them is the busiest."""
     accel = ACCELERATORS.get(accelerator_type) if accelerator_type else None
     if accelerator_type and accel is None:
         raise ValueError(f"step {step!r}: accelerator_type {accelerator_type!r} is not one corral.plan can size; "
@@ -292,6 +307,10 @@ def _plan(step: str, uses: str, model: ModelConfig, ds: DeepSpeedConfig, mfu: fl
     memory = accel.memory_bytes if accel else None
     if engine_tp is not None and memory is not None and kv > memory:
         knob = "raise rollout.vllm.tensor_parallel_size or lower rollout.max_batch_size (a vLLM engine does not fit)"
+    role, frozen = max((frozen_bytes or {"": 0}).items(), key=lambda kv: kv[1])
+    if memory is not None and frozen > memory:
+        knob = f"set resources.ranks.{role} (its model does not fit one accelerator: a ZeRO-3 group splits it)"
+    per_rank = max(per_rank, int(frozen))
     ranks_per_node = min(ranks, GPUS_PER_NODE) if accel else 1
     loading = 4 * largest_layer_params(model) * ranks_per_node  # each rank reads one tensor at a time, in fp32
     time = None
@@ -306,7 +325,7 @@ def _plan(step: str, uses: str, model: ModelConfig, ds: DeepSpeedConfig, mfu: fl
         activations_checkpointing_bytes=acts[True], logits_bytes=logits, kv_cache_bytes=kv,
         per_accelerator_bytes=per_rank, accelerator_memory_bytes=memory, fits=memory is None or per_rank <= memory,
         host_bytes_per_node=host * ranks_per_node + loading, tokens_per_step=tokens_per_step, step_time_s=time,
-        mfu=mfu, knob=knob)
+        mfu=mfu, knob=knob, frozen_role=role, frozen_bytes=int(frozen))
 
 
 def _knob(ds: DeepSpeedConfig, batch_field: str, more_ranks: str) -> str:

@@ -143,6 +143,38 @@ def test_roles_share_one_placement_group_and_a_dead_role_fails_clearly(ray_clust
 
 
 @pytest.mark.slow
+def test_frozen_roles_as_two_rank_inference_groups_hold_half_and_answer_as_one_actor(ray_cluster, models):
+    """The reference and a reward model as 2-rank ZeRO-3 inference groups (how `resources.ranks`
+    fits a 70B reference on 80 GB GPUs): each rank holds half of the parameters, and on the same
+    inputs the group answers what one actor does (fp32)."""
+    from corral.data.formats import prompt_messages
+    from corral.rlhf.actors import ReferenceActor, RewardActor, Role, RoleGroup
+    from corral.rlhf.config import RoleResources
+
+    group = RoleGroup({"reference": Role(ReferenceActor, (models["policy"], False), 2),
+                       "one_reference": Role(ReferenceActor, (models["policy"], False)),
+                       "safety": Role(RewardActor, (models["safety"], False), 2),
+                       "one_safety": Role(RewardActor, (models["safety"], False))}, RoleResources(**ROLES), "frozen")
+    try:
+        tokens = torch.randint(0, SMALL.vocab_size, (8, 40), generator=torch.Generator().manual_seed(0))
+        dialogs = [prompt_messages(r["prompt"]) + [{"role": "assistant", "content": "I can't help with that."}]
+                   for r in TaskSuite(0).rl_prompts(8, "eval", 0.5)]
+        out = group.get({"reference": group.remote("reference", "logprobs", tokens),
+                         "one_reference": group.remote("one_reference", "logprobs", tokens),
+                         "safety": group.remote("safety", "score", dialogs),
+                         "one_safety": group.remote("one_safety", "score", dialogs)}, "scoring")
+        assert_close(out["reference"], out["one_reference"], rtol=1e-5, atol=1e-5)
+        assert_close(out["safety"], out["one_safety"], rtol=1e-5, atol=1e-6)
+        held = group.get({role: group.remote(role, "parameters_held") for role in group.actors}, "counting",
+                         every_rank=True)
+        for role in ("reference", "safety"):
+            whole = held[f"one_{role}"][0]
+            assert [h * 2 for h in held[role]] == pytest.approx([whole, whole], rel=0.01), (role, held)
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.slow
 def test_a_role_that_cannot_start_fails_the_step_naming_it(ray_cluster, mlflow_server, models, tmp_path):
     from corral.rlhf.actors import RoleFailed
     from pipelines.steps import rejection_sampling

@@ -69,17 +69,24 @@ def test_the_big_specs_roll_out_on_vllm_engines_of_their_own_gpus(name):
     spec = load_spec(SPECS / f"{name}.yaml")
     plans = {p.step: p for p in spec.plan()}
     n = ModelConfig.preset(name).num_params()
-    for step, trained, frozen in (("rejection_sampling", ("policy",), 2), ("ppo", ("policy", "critic"), 3)):
+    for step, roles in (("rejection_sampling", ("policy", "helpful", "safety")),
+                        ("ppo", ("policy", "critic", "reference", "helpful", "safety"))):
         cfg = spec.step_config(step)
         tp = cfg.rollout.vllm.tensor_parallel_size
         assert cfg.rollout.engine == "vllm"
-        bundles = sum(cfg.resources.ranks_of(role) for role in trained) + frozen  # one per rank, one per frozen role
+        bundles = sum(cfg.resources.ranks_of(role) for role in roles)  # one per rank
         assert plans[step].accelerators == bundles * cfg.resources.gpus_per_role + cfg.rollout.num_engines * tp
         assert 2 * n // tp < plans[step].kv_cache_bytes <= plans[step].per_accelerator_bytes
     assert load_spec(SPECS / "llama2-tiny.yaml").step_config("ppo").rollout.engine == "corral"
     if name == "llama2-70b":
         with pytest.raises(SpecError, match="rollout.vllm.tensor_parallel_size"):
             load_spec(SPECS / f"{name}.yaml", ["steps.ppo.config.rollout.vllm.tensor_parallel_size=1"]).plan()
+        # a 70B reference (138 GB in bf16) on one GPU does not fit: the spec splits it over 4 ranks
+        alone = "steps.ppo.config.resources.ranks={policy: 32, critic: 32, helpful: 4, safety: 4}"
+        with pytest.raises(SpecError, match=r"the reference model's weights on one rank.*set resources.ranks.reference"):
+            load_spec(SPECS / f"{name}.yaml", [alone]).plan()
+        frozen = plans["ppo"].frozen_bytes
+        assert plans["ppo"].frozen_role in ("reference", "helpful", "safety") and 2 * n / 4 < frozen < 0.5 * 80e9
 
 
 def within(ours: float, theirs: float, rel: float = 0.10) -> bool:

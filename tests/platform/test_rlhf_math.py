@@ -184,8 +184,10 @@ def test_role_group_sizes_are_checked_in_the_config():
 
     assert RoleResources(ranks={"policy": 2}).ranks_of("policy") == 2
     assert RoleResources(ranks={"policy": 2}).ranks_of("critic") == 1
-    with pytest.raises(ValidationError, match="'reference' is not a trained role"):
-        RoleResources(ranks={"reference": 2})
+    assert RoleResources(ranks={"reference": 2}).group_of("reference") == 2  # a ZeRO-3 inference group
+    assert RoleResources(ranks={"policy": 2}).group_of("safety") is None  # one actor
+    with pytest.raises(ValidationError, match="'refrence' is not a role; the roles are policy, critic, reference"):
+        RoleResources(ranks={"refrence": 2})
     with pytest.raises(ValidationError, match=r"minibatch_size \(2\) is below resources.ranks \(4\)"):
         PPOConfig(rollout_batch_size=8, minibatch_size=2, resources={"ranks": {"critic": 4}})
     with pytest.raises(ValidationError, match=r"micro_batch_size \(2\) is below the policy's ranks \(4\)"):

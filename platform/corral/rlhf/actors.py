@@ -120,6 +120,11 @@ class _Role:
 
         model.register_forward_pre_hook(record, with_kwargs=True)
 
+    def parameters_held(self) -> int:
+        """Parameter elements this rank holds: its ZeRO-3 partitions, or the whole model."""
+        model = self.model if hasattr(self, "model") else self.strategy.engine.module
+        return sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
+
     def inputs_seen(self) -> dict:
         """This role's device and the devices its model's forward has received tensors on."""
         return {"device": str(self.device), "seen": sorted(self.seen)}
@@ -309,31 +314,58 @@ class CriticActor(_Trained):
         return {"value_loss": self.group_mean(loss.detach())}
 
 
+def _frozen(world: World, make_model: Callable[[], torch.nn.Module], weights: Callable[[], WeightSource],
+            bf16: bool) -> DeepSpeedStrategy:
+    """A frozen role's model as one rank of a ZeRO-3 inference group: born partitioned over the
+    role's ranks, each filling its own share from the checkpoint; no optimizer."""
+    world.join()
+    strategy = DeepSpeedStrategy(DeepSpeedConfig(zero_stage=3, bf16=bf16), OptimConfig(), micro_batch_size=1,
+                                 max_steps=1)
+    strategy.prepare_frozen(strategy.build(make_model, weights))
+    return strategy
+
+
 @ray.remote
 class ReferenceActor(_Role):
-    """The frozen starting policy pi_ref of the KL penalty, on the role's device."""
+    """The frozen starting policy pi_ref of the KL penalty, on the role's device: one actor, or with
+    `world` one rank of a ZeRO-3 inference group (every rank runs every forward, rank 0 answers)."""
 
-    def __init__(self, path: str, bf16: bool):
-        self.device = role_device()
+    def __init__(self, path: str, bf16: bool, *, world: World | None = None):
         # the policy's numerics (DeepSpeed bf16): KL is exactly 0 before the first update
-        self.model = load_model(path, dtype=torch.bfloat16 if bf16 else torch.float32).eval().to(self.device)
+        if world is None:
+            self.device = role_device()
+            self.model = self.forward = load_model(path, dtype=torch.bfloat16 if bf16 else torch.float32
+                                                   ).eval().to(self.device)
+        else:
+            self.world = world
+            strategy = _frozen(world, partial(Transformer, read_config(path)), partial(WeightReader, path), bf16)
+            self.device, self.model, self.forward = strategy.device, strategy.engine.module, strategy.forward
         self.watch_inputs(self.model)
 
     @torch.no_grad()
     def logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = self.local(tokens)
-        return gather_logprobs(self.model(tokens), tokens).cpu()
+        return gather_logprobs(self.forward(tokens), tokens).cpu()
 
 
 @ray.remote
 class RewardActor(_Role):
-    """A frozen reward model on the role's device; scores finished dialogs as sigmoid probabilities."""
+    """A frozen reward model on the role's device; scores finished dialogs as sigmoid probabilities.
+    One actor (fp32), or with `world` one rank of a ZeRO-3 inference group (in bf16 when `bf16`)."""
 
-    def __init__(self, path: str):
-        self.device = role_device()
-        self.model = load_reward_model(path).to(self.device)
+    def __init__(self, path: str, bf16: bool = False, *, world: World | None = None):
+        if world is None:
+            self.device = role_device()
+            self.model = load_reward_model(path).to(self.device)
+        else:
+            self.world = world
+            strategy = _frozen(world, partial(RewardModel, read_config(path)), partial(reward_checkpoint, path), bf16)
+            # ZeRO-3's gathering hooks sit on the module itself: `score_batch` calls it directly
+            self.device, self.model = strategy.device, strategy.engine.module
+            self.model.tokenizer = load_tokenizer(path)
         self.watch_inputs(self.model)
 
+    @torch.no_grad()
     def score(self, dialogs: Sequence[Sequence[dict]]) -> torch.Tensor:
         # the dialogs are text: the model tokenizes them onto its own device (RewardModel.score_batch)
         return torch.sigmoid(torch.tensor(self.model.score_batch(dialogs)))
@@ -357,12 +389,12 @@ def shard_rows(batch: dict[str, torch.Tensor], ranks: int, tokens: torch.Tensor)
 
 @dataclass(frozen=True)
 class Role:
-    """One role of a group: its actor class and constructor arguments; a trained role (`ranks` given)
-    is that many actors in one process group, each given its `World` as the `world` keyword."""
+    """One role of a group: its actor class and constructor arguments; with `ranks` it is that many
+    actors in one process group (a ZeRO-3 group), each given its `World` as the `world` keyword."""
 
     cls: Any
     args: tuple
-    ranks: int | None = None  # None: a frozen role, one actor outside any process group
+    ranks: int | None = None  # None: one actor outside any process group
 
 
 class RoleGroup:

@@ -33,21 +33,23 @@ class PromptsConfig(BaseModel):
     safety_fraction: float = Field(default=0.3, ge=0, le=1, description="share of safety-family prompts")
 
 
-TRAINED_ROLES = ("policy", "critic")  # the roles that may be N-rank ZeRO-3 groups
+TRAINED_ROLES = ("policy", "critic")  # trained under DeepSpeed: ZeRO-3 groups with an optimizer
+FROZEN_ROLES = ("reference", "helpful", "safety")  # forward only: one actor, or a ZeRO-3 inference group
 
 
 class RoleResources(BaseModel):
-    """One placement-group bundle per rank: a trained role (policy, critic) has `ranks[role]` of
-    them, one ZeRO-3 group over the ranks; a frozen role (reference, reward models) has one.
-    0.5 CPU a bundle lets the five PPO roles share a 2-core machine (they mostly wait on one
-    another); on a cluster give each bundle one GPU and size the groups with `ranks`."""
+    """One placement-group bundle per rank. Every role is one rank unless `ranks` names it: the
+    policy and critic then train as one ZeRO-3 group over their ranks; a frozen role (reference,
+    reward models) becomes a ZeRO-3 inference group, its bf16 weights split over the ranks (a 70B
+    model's 138 GB do not fit one GPU). 0.5 CPU a bundle lets the five PPO roles share a 2-core
+    machine (they mostly wait on one another); on a cluster give each bundle one GPU."""
 
     model_config = ConfigDict(extra="forbid")
 
-    cpus_per_role: float = Field(default=0.5, gt=0, description="CPUs of each bundle (a rank, or a frozen role)")
-    gpus_per_role: float = Field(default=0, ge=0, description="GPUs of each bundle (a rank, or a frozen role)")
-    ranks: dict[str, int] = Field(default={}, description="ranks of the policy's and critic's ZeRO-3 groups "
-                                  "(e.g. {policy: 8, critic: 8}); a role not named has 1")
+    cpus_per_role: float = Field(default=0.5, gt=0, description="CPUs of each bundle (one rank of a role)")
+    gpus_per_role: float = Field(default=0, ge=0, description="GPUs of each bundle (one rank of a role)")
+    ranks: dict[str, int] = Field(default={}, description="ranks of a role's ZeRO-3 group (e.g. {policy: 8, "
+                                  "critic: 8, reference: 2}); a role not named is one actor")
     accelerator_type: str | None = None
     strategy: str = Field(default="PACK", pattern="^(PACK|SPREAD|STRICT_PACK|STRICT_SPREAD)$",
                           description="PACK: one machine if it fits, else spread over several")
@@ -56,15 +58,19 @@ class RoleResources(BaseModel):
     @model_validator(mode="after")
     def _check_ranks(self) -> "RoleResources":
         for role, n in self.ranks.items():
-            if role not in TRAINED_ROLES:
-                raise ValueError(f"resources.ranks: {role!r} is not a trained role; only {', '.join(TRAINED_ROLES)} "
-                                 f"run as groups of ranks (the reference and reward models are one actor each)")
+            if role not in TRAINED_ROLES + FROZEN_ROLES:
+                raise ValueError(f"resources.ranks: {role!r} is not a role; the roles are "
+                                 f"{', '.join(TRAINED_ROLES + FROZEN_ROLES)}")
             if n < 1:
                 raise ValueError(f"resources.ranks.{role}: {n} ranks; give at least 1")
         return self
 
     def ranks_of(self, role: str) -> int:
         return self.ranks.get(role, 1)
+
+    def group_of(self, role: str) -> int | None:
+        """A frozen role's ranks if `ranks` names it (a ZeRO-3 inference group), else None (one actor)."""
+        return self.ranks.get(role)
 
 
 class RolloutConfig(BaseModel):

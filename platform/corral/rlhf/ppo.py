@@ -39,14 +39,16 @@ TRAINED = ("policy", "critic")
 
 
 def ppo_roles(cfg: PPOConfig, policy: str, helpful: str, safety: str) -> dict[str, Role]:
-    """The five roles: two trained under DeepSpeed (groups of `resources.ranks`), three frozen."""
-    ranks = cfg.resources.ranks_of
+    """The five roles: two trained under DeepSpeed (groups of `resources.ranks`), three frozen (one
+    actor each, or ZeRO-3 inference groups where `resources.ranks` names them)."""
+    r, bf16 = cfg.resources, cfg.deepspeed.bf16
     return {
-        "policy": Role(PolicyActor, (policy, cfg.deepspeed, cfg.optim, cfg.minibatch_size), ranks("policy")),
-        "critic": Role(CriticActor, (helpful, cfg.deepspeed, cfg.critic_optim, cfg.minibatch_size), ranks("critic")),
-        "reference": Role(ReferenceActor, (policy, cfg.deepspeed.bf16)),
-        "helpful": Role(RewardActor, (helpful,)),
-        "safety": Role(RewardActor, (safety,)),
+        "policy": Role(PolicyActor, (policy, cfg.deepspeed, cfg.optim, cfg.minibatch_size), r.ranks_of("policy")),
+        "critic": Role(CriticActor, (helpful, cfg.deepspeed, cfg.critic_optim, cfg.minibatch_size),
+                       r.ranks_of("critic")),
+        "reference": Role(ReferenceActor, (policy, bf16), r.group_of("reference")),
+        "helpful": Role(RewardActor, (helpful, bf16), r.group_of("helpful")),
+        "safety": Role(RewardActor, (safety, bf16), r.group_of("safety")),
     }
 
 

@@ -28,12 +28,13 @@ TRAINED = ("policy",)
 
 
 def rs_roles(cfg: RejectionSamplingConfig, policy: str, helpful: str, safety: str) -> dict[str, Role]:
-    """The policy (trained, a group of `resources.ranks.policy`) and the two frozen reward models."""
+    """The policy (trained, a group of `resources.ranks.policy`) and the two frozen reward models
+    (one actor each, or ZeRO-3 inference groups where `resources.ranks` names them)."""
+    r, bf16 = cfg.resources, cfg.deepspeed.bf16
     return {
-        "policy": Role(PolicyActor, (policy, cfg.deepspeed, cfg.optim, cfg.micro_batch_size),
-                       cfg.resources.ranks_of("policy")),
-        "helpful": Role(RewardActor, (helpful,)),
-        "safety": Role(RewardActor, (safety,)),
+        "policy": Role(PolicyActor, (policy, cfg.deepspeed, cfg.optim, cfg.micro_batch_size), r.ranks_of("policy")),
+        "helpful": Role(RewardActor, (helpful, bf16), r.group_of("helpful")),
+        "safety": Role(RewardActor, (safety, bf16), r.group_of("safety")),
     }
 
 

@@ -217,6 +217,17 @@ class DeepSpeedStrategy:
                                                     config=config)
         return self.engine
 
+    def prepare_frozen(self, model: nn.Module) -> nn.Module:
+        """Wrap a model that is only ever run forward: no optimizer, no optimizer state. Under ZeRO-3
+        its parameters stay partitioned over the ranks and are gathered a layer at a time for each
+        forward (DeepSpeed's ZeRO-Inference), so every rank holds 1/N of the weights."""
+        import deepspeed
+
+        self.init_distributed()
+        self.engine, _, _, _ = deepspeed.initialize(model=model, config=self.deepspeed_config())
+        self.engine.eval()
+        return self.engine
+
     # -- one step --------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
