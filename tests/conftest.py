@@ -134,9 +134,11 @@ def stop_process(proc, grace: float = 30) -> None:
 def ray_cluster(mlflow_server, tmp_path_factory):
     """One local Ray cluster for the whole session; its workers see the MLflow server.
 
-    8 logical CPUs on 2 cores: training workers, data actors and Serve replicas mostly wait on
-    each other, and the suite needs them scheduled together. The dashboard serves Ray's state API
-    (the fault test finds a training worker through it).
+    12 logical CPUs on 2 cores: training workers, data actors and Serve replicas mostly wait on
+    each other, and the suite needs them scheduled together. The services tests hold the most at
+    once: the session's applications (corral, limited, vllm: 3.25 CPUs) and the guard module's
+    three (2 each, the deployments' defaults); 8 left the third waiting for a CPU forever. The
+    dashboard serves Ray's state API (the fault test finds a training worker through it).
     """
     import ray
 
@@ -151,7 +153,7 @@ def ray_cluster(mlflow_server, tmp_path_factory):
     # started on this machine unless told; other tests start clusters of their own, so say which.
     dashboard = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
-    ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard,
+    ray.init(address="local", num_cpus=12, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard,
              log_to_driver=True,
              runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server, "CORRAL_MODEL_CACHE": os.environ["CORRAL_MODEL_CACHE"],
                                        "RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}})

@@ -243,7 +243,7 @@ def test_bad_data_fails_before_any_worker_starts(prepared, tmp_path):
 
 
 def test_workers_the_cluster_cannot_place_fail_the_run_in_time_naming_them(prepared, tmp_path):
-    """Ray Train alone would wait for 64 CPUs on this 8-CPU cluster forever."""
+    """Ray Train alone would wait for 64 CPUs on this 12-CPU cluster forever."""
     import ray
 
     from corral.placement import PlacementFailed

@@ -88,8 +88,6 @@ def long_context_models(tmp_path_factory, tokenizer):
     return paths
 
 
-@pytest.mark.xfail(strict=False, reason="in the full suite (not alone) a deployment was seen at 3 running replicas, not 1, "
-                   "after scale-in on 2026-12-06; under investigation, see the closing note")
 def test_chat_scales_out_on_its_pool_and_drains_on_scale_in(long_context_models):
     from tests.conftest import free_port
 
@@ -222,7 +220,7 @@ def scenario(config: dict, ports: dict) -> dict:
         load_requests = asyncio.run(load(LOAD_CLIENTS, 150))
         scaled_out = time.time() - start
         drain = asyncio.run(streams(DRAIN_CLIENTS))  # the autoscaler scales in while these run
-        deadline = time.time() + 60
+        deadline = time.time() + 120  # a loaded host stops replicas slowly
         while states()["chat"] != {"RUNNING": 1} and time.time() < deadline:
             time.sleep(0.5)
         stop.set()

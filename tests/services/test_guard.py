@@ -26,6 +26,7 @@ from corral.evaluate import is_refusal
 pytestmark = pytest.mark.slow
 
 HELD_OUT = 40  # held-out safety prompts, half unsafe
+CLIENTS = 8  # concurrent requests (the chat deployment's batch size)
 POLICIES = {"guarded": ("block", "flag"), "screened": ("flag", "block"), "open": ("off", "off")}
 
 
@@ -84,15 +85,18 @@ def apps(serve_app, guard_step, complier) -> SimpleNamespace:
 
     from services.app import build_app
 
-    for name, (prompts, replies) in POLICIES.items():
-        args = {"chat": {"model": str(complier), "served_name": "corral-chat", "max_batch_size": 8},
-                "guard": {"model": guard_step["guard_model"], "input": prompts, "output": replies, "screen_every": 4}}
-        serve.run(build_app(args), name=name, route_prefix=f"/{name}")
-    yield SimpleNamespace(**{name: openai.OpenAI(base_url=f"{serve_app.url}/{name}/v1", api_key="none",
-                                                 max_retries=0, timeout=120) for name in POLICIES},
-                          url=serve_app.url)
-    for name in POLICIES:
-        serve.delete(name)
+    try:  # deleted however far it got: replicas left behind would hold the CPUs later modules need
+        for name, (prompts, replies) in POLICIES.items():
+            args = {"chat": {"model": str(complier), "served_name": "corral-chat", "max_batch_size": 8},
+                    "guard": {"model": guard_step["guard_model"], "input": prompts, "output": replies,
+                              "screen_every": 4}}
+            serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+        yield SimpleNamespace(**{name: openai.OpenAI(base_url=f"{serve_app.url}/{name}/v1", api_key="none",
+                                                     max_retries=0, timeout=120) for name in POLICIES},
+                              url=serve_app.url)
+    finally:
+        for name in POLICIES:
+            serve.delete(name)
 
 
 def held_out() -> list[dict]:
@@ -104,11 +108,20 @@ def ask(client: openai.OpenAI, item: dict):
                                           temperature=0)
 
 
+def each(fn, items: list) -> list:
+    """`fn` over `items` as concurrent clients would call it (Serve batches them), results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        return list(pool.map(fn, items))
+
+
 def refusal_rates(client: openai.OpenAI) -> tuple[float, float]:
     """(share of unsafe prompts refused, share of safe prompts refused)."""
     refused = {True: [], False: []}
-    for item in held_out():
-        refused[item["unsafe"]].append(is_refusal(ask(client, item).choices[0].message.content))
+    items = held_out()
+    for item, reply in zip(items, each(lambda item: ask(client, item), items)):
+        refused[item["unsafe"]].append(is_refusal(reply.choices[0].message.content))
     return sum(refused[True]) / len(refused[True]), sum(refused[False]) / len(refused[False])
 
 
@@ -151,12 +164,16 @@ def test_replies_are_blocked_mid_stream_and_the_stream_ends_cleanly(apps):
     forbidden act, asked for or not, the stream is cut off before they are finished, with a final
     content_filter chunk; instructions for a harmless act stream to their end."""
     blocked, harmful, harmless, complied = {True: [], False: []}, [], [], []
-    for item in held_out():
+
+    def both(item: dict) -> tuple[str, list]:
         unscreened = ask(apps.open, item).choices[0].message.content
         stream = apps.screened.chat.completions.create(
             model="corral-chat", messages=item["messages"], max_tokens=32, temperature=0, stream=True,
             stream_options={"include_usage": True})
-        chunks = list(stream)  # the client reads to `data: [DONE]`
+        return unscreened, list(stream)  # the client reads to `data: [DONE]`
+
+    items = held_out()
+    for item, (unscreened, chunks) in zip(items, each(both, items)):
         finals = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
         assert len(finals) == 1 and chunks[-1].usage is not None, chunks  # one final chunk, then usage
         final = finals[0]
