@@ -4,8 +4,9 @@ each; prints each iteration's time split into rollout (sampling and reward scori
 values, and update.
 
 It runs the step itself (`pipelines.steps.ppo`), so it needs Ray and the project's dependencies;
-an empty MLFLOW_TRACKING_URI logs to a local SQLite file. Random weights and a tokenizer trained on
-the task suite's dialogs: this times the machinery, it aligns nothing.
+without MLFLOW_TRACKING_URI it logs to a SQLite file beside its models (a temporary directory).
+Random weights and a tokenizer trained on the task suite's dialogs: this times the machinery, it
+aligns nothing.
 
     python benchmarks/gpu_rlhf_check.py                                                   # cuda
     python benchmarks/gpu_rlhf_check.py --device cpu --preset tiny --iterations 2 --rollouts 8   # smoke
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -64,6 +66,8 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --device cpu for a smoke test")
     root = Path(tempfile.mkdtemp(prefix="rlhf-check-"))
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # a SQLite file of its own, not the checkout's
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
     paths = models(root, args.preset)
     ray.init(address="local", num_gpus=1 if cuda else 0, include_dashboard=False)  # its own, not a running one
     config = {
