@@ -153,10 +153,9 @@ def ray_cluster(mlflow_server, tmp_path_factory):
     # started on this machine unless told; other tests start clusters of their own, so say which.
     dashboard = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+    passed = {var: os.environ[var] for var in ("CORRAL_MODEL_CACHE", "RAY_API_SERVER_ADDRESS")}
     ray.init(address="local", num_cpus=12, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard,
-             log_to_driver=True,
-             runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server, "CORRAL_MODEL_CACHE": os.environ["CORRAL_MODEL_CACHE"],
-                                       "RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}})
+             log_to_driver=True, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server, **passed}})
     yield ray
     ray.shutdown()
     os.environ.pop("RAY_API_SERVER_ADDRESS")

@@ -307,7 +307,7 @@ def _plan(step: str, uses: str, model: ModelConfig, ds: DeepSpeedConfig, mfu: fl
     memory = accel.memory_bytes if accel else None
     if engine_tp is not None and memory is not None and kv > memory:
         knob = "raise rollout.vllm.tensor_parallel_size or lower rollout.max_batch_size (a vLLM engine does not fit)"
-    role, frozen = max((frozen_bytes or {"": 0}).items(), key=lambda kv: kv[1])
+    role, frozen = max((frozen_bytes or {"": 0}).items(), key=lambda item: item[1])
     if memory is not None and frozen > memory:
         knob = f"set resources.ranks.{role} (its model does not fit one accelerator: a ZeRO-3 group splits it)"
     per_rank = max(per_rank, int(frozen))

@@ -174,6 +174,21 @@ def test_frozen_roles_as_two_rank_inference_groups_hold_half_and_answer_as_one_a
         group.shutdown()
 
 
+def test_roles_the_cluster_cannot_place_fail_in_time_naming_what_did_not_fit(ray_cluster):
+    """Five roles of 100 CPUs each on this cluster: refused after call_timeout_s, nothing left placed."""
+    import ray
+
+    from corral.placement import PlacementFailed
+    from corral.rlhf.actors import ReferenceActor, Role, RoleGroup
+    from corral.rlhf.config import RoleResources
+
+    with pytest.raises(PlacementFailed, match=r"PPO \(\{'reference': 5\} ranks\): the cluster cannot place 5 x "
+                                              r"\{'CPU': 100.0\} \(PACK\) within 2s; free now: .*ranks or add nodes"):
+        RoleGroup({"reference": Role(ReferenceActor, ("unused", False), 5)},
+                  RoleResources(cpus_per_role=100, call_timeout_s=2), "PPO")
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
 @pytest.mark.slow
 def test_a_role_that_cannot_start_fails_the_step_naming_it(ray_cluster, mlflow_server, models, tmp_path):
     from corral.rlhf.actors import RoleFailed

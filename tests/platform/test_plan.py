@@ -83,7 +83,7 @@ def test_the_big_specs_roll_out_on_vllm_engines_of_their_own_gpus(name):
             load_spec(SPECS / f"{name}.yaml", ["steps.ppo.config.rollout.vllm.tensor_parallel_size=1"]).plan()
         # a 70B reference (138 GB in bf16) on one GPU does not fit: the spec splits it over 4 ranks
         alone = "steps.ppo.config.resources.ranks={policy: 32, critic: 32, helpful: 4, safety: 4}"
-        with pytest.raises(SpecError, match=r"the reference model's weights on one rank.*set resources.ranks.reference"):
+        with pytest.raises(SpecError, match=r"the reference model's weights on one rank.*resources.ranks.reference"):
             load_spec(SPECS / f"{name}.yaml", [alone]).plan()
         frozen = plans["ppo"].frozen_bytes
         assert plans["ppo"].frozen_role in ("reference", "helpful", "safety") and 2 * n / 4 < frozen < 0.5 * 80e9
