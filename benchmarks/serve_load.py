@@ -71,7 +71,7 @@ def make_prompts(n: int) -> list[str]:
 
 
 # -- 1. the Serve endpoint under load ----------------------------------------------------------------------
-def deploy(ckpt: Path, port: int, threads: int, engine: str) -> str:
+def deploy(ckpt: Path, port: int, threads: int, engine: str, dtype: str) -> str:
     """Serve local.yaml's application with the base model only on `engine`, on a local Ray;
     returns the API URL."""
     import ray
@@ -82,8 +82,8 @@ def deploy(ckpt: Path, port: int, threads: int, engine: str) -> str:
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)  # a fresh local Ray
     config = yaml.safe_load((REPO / "services/configs/local.yaml").read_text())
     app = config["applications"][0]
-    model = {"model": str(ckpt), "num_threads": threads} if engine == "corral" else \
-        {"model": str(ckpt), "engine": "vllm", "vllm": {"kv_cache_memory_bytes": 1 << 30}}  # vLLM picks its threads
+    model = {"model": str(ckpt), "dtype": dtype, "num_threads": threads} if engine == "corral" else \
+        {"model": str(ckpt), "dtype": dtype, "engine": "vllm", "vllm": {"kv_cache_memory_bytes": 1 << 30}}
     app["args"] = {"base": app["args"]["base"] | model}
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "chat"]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -137,11 +137,11 @@ async def load(url: str, prompts: list[str], concurrency: int, max_tokens: int) 
 
 
 # -- 2. Hugging Face generate, one request at a time ------------------------------------------------------------
-def hf_sequential(hf_dir: Path, prompts: list[str], max_tokens: int) -> dict:
+def hf_sequential(hf_dir: Path, prompts: list[str], max_tokens: int, dtype: str) -> dict:
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
     tokens, start = 0, None
     with torch.inference_mode():
         for i, prompt in enumerate([prompts[0], *prompts]):  # the first one warms up
@@ -168,14 +168,16 @@ def copy_bandwidth(nbytes: int, repeats: int = 20) -> float:
     return 2 * src.nbytes / best
 
 
-def batch1_decode(ckpt: Path, tokens: int) -> dict:
-    """Decode tokens/s of the engine at batch 1, as served (batch-invariant) and without that."""
+def batch1_decode(ckpt: Path, tokens: int, dtype: str) -> dict:
+    """Decode tokens/s of the engine at batch 1, as served (batch-invariant, weights packed) and
+    without batch invariance."""
     import corral
-    from corral.engine import Engine, SamplingParams
+    from corral.engine import Engine, SamplingParams, pack_linears
 
-    model = corral.load_model(ckpt)
-    prompt = corral.load_tokenizer(ckpt).encode("The king")
+    model = corral.load_model(ckpt, getattr(torch, dtype))
     model_bytes = sum(p.nbytes for p in model.parameters())
+    model = pack_linears(model)
+    prompt = corral.load_tokenizer(ckpt).encode("The king")
     out = {"model_bytes": model_bytes}
     for invariant in (True, False):
         engine = Engine(model, max_batch_size=1, batch_invariant=invariant)
@@ -199,7 +201,7 @@ def served(ckpt: Path, args, prompts: list[str], engine: str) -> tuple[dict, dic
     import ray
     from ray import serve
 
-    url = deploy(ckpt, args.port, args.threads, engine)
+    url = deploy(ckpt, args.port, args.replica_threads, engine, args.dtype)
     try:
         loaded = asyncio.run(load(url, prompts, args.concurrency, args.max_tokens))
         alone = asyncio.run(load(url, prompts[: args.batch1_prompts], 1, args.max_tokens))
@@ -230,7 +232,12 @@ def main() -> None:
     p.add_argument("--hf-prompts", type=int, default=8, help="requests for the sequential HF baseline")
     p.add_argument("--batch1-prompts", type=int, default=4, help="requests of the concurrency-1 load, per engine")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens of the batch-1 decode measurement")
-    p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the replica")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="both engines' and HF's weights and compute (the checkpoint is cast)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the in-process measurements (3, 4)")
+    p.add_argument("--replica-threads", type=int, default=1,
+                   help="the corral engine's threads in the replica: one core stays with the proxy, the ingress "
+                        "and this load generator (vLLM's CPU build also takes one)")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--out", default=str(REPO / "benchmarks/results/serve.json"))
     args = p.parse_args()
@@ -238,8 +245,8 @@ def main() -> None:
 
     ckpt, hf_dir = prepare_weights(args)
     prompts = make_prompts(args.num_prompts)
-    decode = batch1_decode(ckpt, args.decode_tokens)
-    hf = hf_sequential(hf_dir, prompts[: args.hf_prompts], args.max_tokens)
+    decode = batch1_decode(ckpt, args.decode_tokens, args.dtype)
+    hf = hf_sequential(hf_dir, prompts[: args.hf_prompts], args.max_tokens, args.dtype)
     serve_stats, batch1, vllm_stats, vllm_batch1 = *served(ckpt, args, prompts, "corral"), \
         *served(ckpt, args, prompts, "vllm")
     ratios = {"serve_vs_hf_sequential": serve_stats["output_tokens_per_s"] / hf["output_tokens_per_s"],
@@ -249,7 +256,8 @@ def main() -> None:
               "batch1_decode_vs_bandwidth_bound": decode["tokens_per_s"] / decode["bound_tokens_per_s"],
               "batch1_decode_not_batch_invariant_vs_bound":
                   decode["tokens_per_s_not_batch_invariant"] / decode["bound_tokens_per_s"]}
-    result = {"checkpoint": str(ckpt), "preset": args.preset, "max_tokens": args.max_tokens, "threads": args.threads,
+    result = {"checkpoint": str(ckpt), "preset": args.preset, "dtype": args.dtype, "max_tokens": args.max_tokens,
+              "threads": args.threads, "replica_threads": args.replica_threads,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "serve": serve_stats,
               "serve_batch1": batch1, "vllm": vllm_stats, "vllm_batch1": vllm_batch1, "vllm_version": vllm_version(),
               "hf_sequential": hf, "batch1_decode": decode, "ratios": ratios,

@@ -3,7 +3,7 @@
     client --HTTP--> Serve proxy --> OpenAIServer (FastAPI ingress) --handle, streaming--> base | chat
 
 `ModelServer` wraps a continuous-batching engine, per model either corral's own
-(`corral.engine.Engine`, the CPU default) or vLLM's (`corral.vllm_engine.VllmEngine`: paged KV,
+(`corral.engine.Engine`, the CPU default, stepping in a process of its own) or vLLM's (`corral.vllm_engine.VllmEngine`: paged KV,
 prefix caching, tensor parallelism, for the GPU pools); every request streams its deltas back over
 a DeploymentHandle, and the ingress turns them into one JSON response or into Server-Sent Events.
 Both engines sit behind the same ingress, API keys, error bodies, limits, metrics and health. Replica counts, autoscaling, `max_ongoing_requests`, `max_queued_requests` and
@@ -32,7 +32,8 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import corral
-from corral.engine import Engine, EngineError, SamplingParams, TokenLogprob
+from corral.engine import Engine, EngineError, SamplingParams, TokenLogprob, pack_linears
+from corral.engine_process import EngineProcess
 from corral.guard import Guard
 from corral.registry import model_cache, pin_version, resolve_model
 from corral.tokenizer import ChatFormatError
@@ -65,7 +66,9 @@ class ModelArgs(BaseModel):
     batch_invariant: bool = Field(default=True, description="corral engine: greedy tokens under load = alone "
                                   "(slower at batch 1)")
     num_threads: int | None = Field(default=None, ge=1, description="corral engine: torch CPU threads; None = "
-                                    "Ray's default")
+                                    "Ray's default (the replica's num_cpus)")
+    engine_process: bool = Field(default=True, description="corral engine: step in a process of its own, as vLLM "
+                                 "does, not in a thread beside Serve's (corral.engine_process)")
     vllm: VllmArgs | None = Field(default=None, description="vLLM engine's own knobs (engine: vllm only)")
 
     @model_validator(mode="after")
@@ -153,7 +156,7 @@ class ModelServer:
 
     def __init__(self, model: str, served_name: str, chat: bool = False, engine: str = "corral",
                  max_batch_size: int = 32, dtype: str = "float32", device: str = "auto", batch_invariant: bool = True,
-                 num_threads: int | None = None, vllm: dict | None = None):
+                 num_threads: int | None = None, engine_process: bool = True, vllm: dict | None = None):
         path = resolve_model(model)
         self.name, self.chat, self.source = served_name, chat, model
         self.tokenizer = corral.load_tokenizer(path)  # prompts and chat templates: corral's, for both engines
@@ -161,13 +164,16 @@ class ModelServer:
             self.engine = VllmEngine(hf_export(path, model_cache()), max_batch_size, dtype,
                                      VllmArgs.model_validate(vllm or {}))
         else:
-            if num_threads:
-                torch.set_num_threads(num_threads)
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            weights = corral.load_model(path, getattr(torch, dtype)).to(device)
-            self.engine = Engine(weights, self.tokenizer, max_batch_size, batch_invariant=batch_invariant)
-            self.engine.start()
+            if engine_process:
+                self.engine = EngineProcess(str(path), dtype, device, max_batch_size, batch_invariant, num_threads)
+            else:
+                if num_threads:
+                    torch.set_num_threads(num_threads)
+                weights = pack_linears(corral.load_model(path, getattr(torch, dtype)).to(device))
+                self.engine = Engine(weights, self.tokenizer, max_batch_size, batch_invariant=batch_invariant)
+                self.engine.start()
         self.metrics = _Metrics(served_name)
 
     def stats(self) -> dict[str, int]:

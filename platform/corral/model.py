@@ -64,7 +64,9 @@ class KVCache:
     """Keys and values of `n_slots` sequences, each up to `max_seq_len` tokens, for every layer.
 
     A slot is one sequence's row; rows decode at different positions in the same batch, so a
-    continuous-batching engine can admit and retire sequences between steps.
+    continuous-batching engine can admit and retire sequences between steps. Attention runs in the
+    cache's dtype: on a CPU keep it fp32 whatever the weights (PyTorch's bf16 attention kernel
+    there is about 3x slower than its fp32 one at decode; measured in `benchmarks/serve_load.py`).
     """
 
     def __init__(self, config: ModelConfig, n_slots: int, max_seq_len: int | None = None,
@@ -114,6 +116,14 @@ class CacheView:
     slots: torch.Tensor
     start: torch.Tensor
     exact_rows: int | None = None
+    _rows: list[tuple[int, int]] | None = None
+
+    def rows(self, seqlen: int) -> list[tuple[int, int]]:
+        """(slot, keys attended) of each exact row, read from the device once per forward."""
+        if self._rows is None:  # host-device sync: once, not once per layer
+            ends = self.start[: self.exact_rows] + seqlen
+            self._rows = list(zip(self.slots[: self.exact_rows].tolist(), ends.tolist()))
+        return self._rows
 
 
 class Attention(nn.Module):
@@ -149,23 +159,33 @@ class Attention(nn.Module):
             if cache.exact_rows is not None:
                 # Each row over exactly its own keys: a length padded to the batch's longest row
                 # changes the reduction order, and so the row's logits in the last bits.
-                ends = (pos[: cache.exact_rows, -1] + 1).tolist()  # host-device sync: one list per layer call
-                rows = [self.cached_attention(xq[b:b + 1], cache_k, cache_v, slots[b:b + 1], pos[b:b + 1], end)
-                        for b, end in enumerate(ends)]
-                rows += [xq.new_zeros(bsz - len(ends), self.n_heads, seqlen, self.head_dim)]  # padding: no attention
-                out = torch.cat(rows)  # (bsz, n_heads, seqlen, head_dim)
+                xq = xq.to(cache_k.dtype)
+                rows = [self.row_attention(xq[b:b + 1], cache_k[slot, :end], cache_v[slot, :end], pos[b:b + 1])
+                        for b, (slot, end) in enumerate(cache.rows(seqlen))]
+                rows += [xq.new_zeros(bsz - len(rows), self.n_heads, seqlen, self.head_dim)]  # padding: no attention
+                out = torch.cat(rows).to(x.dtype)  # (bsz, n_heads, seqlen, head_dim)
             else:
                 kv_len = int(pos.max()) + 1  # host-device sync: one scalar per layer call
                 out = self.cached_attention(xq, cache_k, cache_v, slots, pos, kv_len)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (bsz, seqlen, dim)
 
+    def row_attention(self, xq, keys, values, pos):
+        """One row's queries (1, seqlen, ...) at positions `pos` (1, seqlen) over its own cached keys
+        and values (kv_len, n_kv_heads, head_dim), read in place (views of its slot, no copy)."""
+        if xq.shape[1] == 1:  # one new token sees every key: no mask
+            return self.attend(xq, keys[None], values[None], None, causal=False)
+        mask = torch.arange(keys.shape[1], device=xq.device)[None, :] <= pos[0, :, None]  # (seqlen, kv_len)
+        return self.attend(xq, keys[None], values[None], mask[None, None], causal=False)
+
     def cached_attention(self, xq, cache_k, cache_v, slots, pos, kv_len):
-        """Queries at positions `pos` (bsz, seqlen) over the first kv_len cached keys of their slots."""
-        keys = cache_k[slots, :kv_len].to(xq.dtype)  # (bsz, kv_len, n_kv_heads, head_dim)
-        values = cache_v[slots, :kv_len].to(xq.dtype)
+        """Queries at positions `pos` (bsz, seqlen) over the first kv_len cached keys of their
+        slots, in the cache's dtype."""
+        keys = cache_k[slots, :kv_len]  # (bsz, kv_len, n_kv_heads, head_dim)
+        values = cache_v[slots, :kv_len]
         # query i of row b sees cache positions 0..positions[b] + i
         mask = torch.arange(kv_len, device=xq.device)[None, None, :] <= pos[:, :, None]
-        return self.attend(xq, keys, values, mask[:, None], causal=False)  # mask (bsz, 1, seqlen, kv_len)
+        # mask (bsz, 1, seqlen, kv_len)
+        return self.attend(xq.to(keys.dtype), keys, values, mask[:, None], causal=False).to(xq.dtype)
 
     def attend(self, xq, keys, values, mask, causal):
         """Scaled dot-product attention -> (bsz, n_heads, seqlen, head_dim)."""

@@ -107,6 +107,29 @@ def test_decode_rows_are_bitwise_independent_of_the_batch(model):
     assert torch.equal(batch[7], one[0])
 
 
+def test_bf16_rows_are_independent_of_the_batch_with_packed_weights(model):
+    """bf16 on a CPU: oneDNN-packed weights (`pack_linears`) and one padding row keep greedy
+    serving under load equal to each request alone; the packed layers compute what nn.Linear does."""
+    import copy
+
+    from corral.engine import PackedLinear, pack_linears
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    x = torch.randn(5, 3, TINY.dim).to(torch.bfloat16)
+    expected = bf16.layers[0].attention.wq(x)
+    packed = pack_linears(bf16)
+    if not isinstance(packed.output, PackedLinear):
+        pytest.skip("this CPU build of PyTorch has no oneDNN")
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    torch.testing.assert_close(packed.layers[0].attention.wq(x), expected, rtol=1e-2, atol=1e-2)
+    ps = prompts(12, seed=3)
+    params = SamplingParams(max_tokens=20, temperature=0)
+    alone = [Engine(packed, max_batch_size=1).generate([p], params)[0] for p in ps]
+    engine = Engine(packed, max_batch_size=12)
+    assert engine.min_decode_rows == 2 and engine.cache.k.dtype == torch.float32  # attention in fp32 on a CPU
+    assert engine.generate(ps, params) == alone
+
+
 def test_seed_makes_sampling_reproducible(model):
     engine = Engine(model, max_batch_size=8)
     p = prompts(1)[0]
