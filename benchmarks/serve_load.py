@@ -5,7 +5,8 @@ In one run, on the same weights:
    output tokens/s, time to first token (TTFT) and time per output token (TPOT) at p50/p99;
    then the same at concurrency 1 (batch 1, over HTTP);
 2. the peer: the same two loads against the same Serve app with `engine: vllm` (vLLM's CPU
-   build here), on the same weights and prompts, behind the same ingress;
+   build here), on the same weights and prompts, behind the same ingress; the two engines take
+   turns, three rounds, and the median round of each is kept;
 3. Hugging Face `generate` one request at a time on the same weights (exported with
    corral.export_hf): the sequential baseline;
 4. the engine's batch-1 decode speed against the memory-bandwidth bound: model bytes / copy
@@ -71,9 +72,12 @@ def make_prompts(n: int) -> list[str]:
 
 
 # -- 1. the Serve endpoint under load ----------------------------------------------------------------------
-def deploy(ckpt: Path, port: int, threads: int, engine: str, dtype: str) -> str:
-    """Serve local.yaml's application with the base model only on `engine`, on a local Ray;
-    returns the API URL."""
+ENGINES = ("corral", "vllm")
+
+
+def deploy(ckpt: Path, port: int, threads: int, dtype: str) -> dict[str, str]:
+    """Serve local.yaml's application with the base model only, once per engine (applications
+    `corral` and `vllm` at /corral and /vllm), on a local Ray; returns each engine's API URL."""
     import ray
     import yaml
     from ray import serve
@@ -81,19 +85,23 @@ def deploy(ckpt: Path, port: int, threads: int, engine: str, dtype: str) -> str:
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)  # a fresh local Ray
     config = yaml.safe_load((REPO / "services/configs/local.yaml").read_text())
-    app = config["applications"][0]
-    model = {"model": str(ckpt), "dtype": dtype, "num_threads": threads} if engine == "corral" else \
-        {"model": str(ckpt), "dtype": dtype, "engine": "vllm", "vllm": {"kv_cache_memory_bytes": 1 << 30}}
-    app["args"] = {"base": app["args"]["base"] | model}
-    app["deployments"] = [d for d in app["deployments"] if d["name"] != "chat"]
+    template = config["applications"][0]
+    config["applications"] = []
+    for engine in ENGINES:
+        model = {"model": str(ckpt), "dtype": dtype, "num_threads": threads} if engine == "corral" else \
+            {"model": str(ckpt), "dtype": dtype, "engine": "vllm", "vllm": {"kv_cache_memory_bytes": 1 << 30}}
+        app = template | {"name": engine, "route_prefix": f"/{engine}", "args": {"base": template["args"]["base"] | model}}
+        app["deployments"] = [d for d in template["deployments"] if d["name"] != "chat"]
+        config["applications"].append(app)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
     deadline = time.time() + 900  # vLLM's start-up (process spawns, profiling) takes minutes on 2 busy cores
-    while (status := serve.status().applications.get("corral")) is None or status.status != "RUNNING":
-        if (status is not None and status.status == "DEPLOY_FAILED") or time.time() > deadline:
-            raise RuntimeError(f"the {engine} application did not start: {status and status.message}")
-        time.sleep(2)
-    return f"http://127.0.0.1:{port}/v1"
+    for engine in ENGINES:
+        while (status := serve.status().applications.get(engine)) is None or status.status != "RUNNING":
+            if (status is not None and status.status == "DEPLOY_FAILED") or time.time() > deadline:
+                raise RuntimeError(f"the {engine} application did not start: {status and status.message}")
+            time.sleep(2)
+    return {engine: f"http://127.0.0.1:{port}/{engine}/v1" for engine in ENGINES}
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
@@ -196,19 +204,27 @@ def batch1_decode(ckpt: Path, tokens: int, dtype: str) -> dict:
     return out
 
 
-def served(ckpt: Path, args, prompts: list[str], engine: str) -> tuple[dict, dict]:
-    """The Serve endpoint on `engine` under load at the set concurrency, then at batch 1."""
+def served(ckpt: Path, args, prompts: list[str]) -> dict[str, dict]:
+    """Both engines' Serve endpoints under load at the set concurrency, then at batch 1: the
+    engines take turns, `rounds` times (a shared host's speed drifts), and each load's round with
+    the median throughput is kept."""
     import ray
     from ray import serve
 
-    url = deploy(ckpt, args.port, args.replica_threads, engine, args.dtype)
+    urls = deploy(ckpt, args.port, args.replica_threads, args.dtype)
+    runs = {f"{engine}{suffix}": [] for engine in ENGINES for suffix in ("", "_batch1")}
     try:
-        loaded = asyncio.run(load(url, prompts, args.concurrency, args.max_tokens))
-        alone = asyncio.run(load(url, prompts[: args.batch1_prompts], 1, args.max_tokens))
+        for _ in range(args.rounds):
+            for engine, url in urls.items():
+                runs[engine].append(asyncio.run(load(url, prompts, args.concurrency, args.max_tokens)))
+                runs[f"{engine}_batch1"].append(asyncio.run(load(url, prompts[: args.batch1_prompts], 1,
+                                                                 args.max_tokens)))
     finally:
         serve.shutdown()
         ray.shutdown()
-    return loaded, alone
+    median = lambda results: sorted(results, key=lambda r: r["output_tokens_per_s"])[len(results) // 2]  # noqa: E731
+    return {name: median(results) | {"rounds_tokens_per_s": [r["output_tokens_per_s"] for r in results]}
+            for name, results in runs.items()}
 
 
 def vllm_version() -> str:
@@ -230,7 +246,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--hf-prompts", type=int, default=8, help="requests for the sequential HF baseline")
-    p.add_argument("--batch1-prompts", type=int, default=4, help="requests of the concurrency-1 load, per engine")
+    p.add_argument("--batch1-prompts", type=int, default=8, help="requests of the concurrency-1 load, per engine")
+    p.add_argument("--rounds", type=int, default=3, help="turns each engine takes at each load (median kept)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens of the batch-1 decode measurement")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="both engines' and HF's weights and compute (the checkpoint is cast)")
@@ -247,8 +264,9 @@ def main() -> None:
     prompts = make_prompts(args.num_prompts)
     decode = batch1_decode(ckpt, args.decode_tokens, args.dtype)
     hf = hf_sequential(hf_dir, prompts[: args.hf_prompts], args.max_tokens, args.dtype)
-    serve_stats, batch1, vllm_stats, vllm_batch1 = *served(ckpt, args, prompts, "corral"), \
-        *served(ckpt, args, prompts, "vllm")
+    runs = served(ckpt, args, prompts)
+    serve_stats, batch1, vllm_stats, vllm_batch1 = runs["corral"], runs["corral_batch1"], runs["vllm"], \
+        runs["vllm_batch1"]
     ratios = {"serve_vs_hf_sequential": serve_stats["output_tokens_per_s"] / hf["output_tokens_per_s"],
               f"corral_vs_vllm_concurrency_{args.concurrency}":
                   serve_stats["output_tokens_per_s"] / vllm_stats["output_tokens_per_s"],
