@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 MAX_LOGPROBS = 20  # vLLM's limit for top log-probabilities per token
 MAX_STEP_FAILURES = 3  # failed forwards in a row after which the engine stops: something is broken for good
 # measured on x86: MKL's fp32 GEMM gives a row the same bits for any batch of >= 16 rows; oneDNN's
-# bf16 one (packed or not) for any batch of >= 2 (one row takes a GEMV kernel once K >= 2048)
-MIN_DECODE_ROWS = {torch.bfloat16: 2}
+# bf16 one (packed or not) for any batch of >= 2 (one row takes a GEMV kernel once K >= 2048).
+# Elsewhere (CUDA included) 16, as the H200 check measured.
+MIN_DECODE_ROWS = {("cpu", torch.bfloat16): 2}
 MIN_DECODE_ROWS_DEFAULT = 16
 LAST = Layout(logits_at="last")  # sampling reads only each row's last logits
 ALL = Layout()  # a prefill whose prompt log-probabilities were asked for (echo)
@@ -162,7 +163,8 @@ class Engine:
         self.batch_invariant = batch_invariant
         param = next(model.parameters())
         self.device = param.device
-        self.min_decode_rows = MIN_DECODE_ROWS.get(param.dtype, MIN_DECODE_ROWS_DEFAULT) if batch_invariant else 1
+        self.min_decode_rows = MIN_DECODE_ROWS.get((param.device.type, param.dtype), MIN_DECODE_ROWS_DEFAULT) \
+            if batch_invariant else 1
         # one slot more than requests: the scratch row that pads small decode batches
         # attention in fp32 on a CPU (see KVCache), in the weights' dtype on an accelerator
         self.cache = KVCache(model.config, max_batch_size + 1, self.max_seq_len, device=param.device,
