@@ -4,23 +4,25 @@ One engine serves every caller. RLHF rollouts, rejection sampling and evaluation
 (synchronous: a batch of prompts in, token ids out); the Serve model server calls `stream`
 (async: one request, its tokens as they are produced). Both run the same `step`:
 
-1. admit waiting requests into free cache slots and prefill them, one prompt per forward, up to
-   `max_prefill_tokens` per step so that running requests keep decoding while new ones arrive;
+1. admit waiting requests into free cache slots and prefill them, up to `max_prefill_tokens` per
+   step so that running requests keep decoding while new ones arrive (in one forward where the
+   matmuls are row-invariant, see below; else one prompt per forward);
 2. decode one token for every running request in one batched forward (each row attends only
    to its own slot, at its own position);
 3. sample every row with its own parameters and its own random stream, detokenize, check stop
    tokens and stop strings, and retire finished requests, freeing their slots for the next step.
 
 A request's tokens depend only on its prompt, parameters and seed, not on what else runs
-(`batch_invariant`, the default): prefill runs each prompt alone; decode attends row by row over
-each row's own length, and pads the batch to at least `min_decode_rows` rows, because CPU BLAS
-picks a different matrix-multiply kernel for fewer rows and the last bits of the logits would then
-depend on the batch size (a greedy token can flip on a near-tie, which random-weight models are
+(`batch_invariant`, the default): prefill and decode attend row by row over each row's own
+length, and decode pads the batch to at least `min_decode_rows` rows, because CPU BLAS picks a
+different matrix-multiply kernel for fewer rows and the last bits of the logits would then depend
+on the batch size (a greedy token can flip on a near-tie, which random-weight models are
 full of). The price is speed at low concurrency; `batch_invariant=False` drops both measures.
 
 bf16 on a CPU: `pack_linears` reorders every weight once into oneDNN's blocked layout, which the
-decode step's small matmuls read near memory bandwidth; those kernels give a row the same bits for
-any batch of two rows or more, so the padding is one row, not fifteen.
+decode step's small matmuls read faster; those kernels give a row the same bits for any batch of two
+rows or more, so the padding is one row, not fifteen, and the prompts admitted in a step are
+prefilled in one forward (right-padded; each row attends over its own tokens).
 """
 
 from __future__ import annotations
@@ -255,8 +257,10 @@ class Engine:
         `MAX_STEP_FAILURES` failed forwards in a row the engine stops (`health()` says why).
         """
         with self._step_lock:
-            for request in self._admit():
-                self._guarded([request], self._prefill)
+            for group in self._prefill_groups(self._admit()):
+                if not self._guarded(group, self._prefill, fail=len(group) == 1):
+                    for request in group:  # find the prompts that fail on their own
+                        self._guarded([request], self._prefill)
             with self._lock:
                 batch = list(self._running.values())
             if batch and not self._guarded(batch, self._decode, fail=False):
@@ -264,15 +268,35 @@ class Engine:
                     if request.finish_reason is None:
                         self._guarded([request], self._decode)
 
+    def _prefill_groups(self, admitted: list[_Request]) -> list[list[_Request]]:
+        """Prompts prefilled together in one forward: all of them where the matmuls give a row the
+        same bits in any batch of two rows or more (bf16 on a CPU), else one at a time; a prompt
+        whose log-probabilities were asked for (echo) always alone."""
+        if self.min_decode_rows > 2:
+            return [[r] for r in admitted]
+        together = [r for r in admitted if r.params.prompt_logprobs is None]
+        return [[r] for r in admitted if r.params.prompt_logprobs is not None] + ([together] if together else [])
+
     def _prefill(self, batch: list[_Request]) -> None:
-        request, = batch
-        slot = torch.tensor([request.slot], device=self.device)
-        tokens = torch.tensor([request.prompt], device=self.device)  # (1, prompt_len)
-        want = request.params.prompt_logprobs
-        logits = self.model(tokens, LAST if want is None else ALL, CacheView(self.cache, slot, torch.zeros_like(slot)))
-        if want is not None:  # token t's log-probability comes from the logits at t - 1
-            request.prompt_logprobs = [None] + token_logprobs(logits[0, :-1], tokens[0, 1:], want)
-        self._sample_and_advance([request], logits[:, -1])
+        """Prefill prompts into their slots in one forward, right-padded to the longest: each row
+        attends over exactly its own tokens, so a prompt's logits are those it gets alone."""
+        lengths = [len(r.prompt) for r in batch]
+        pad = 1 if len(batch) == 1 and lengths[0] == 1 and self.min_decode_rows > 1 else 0  # >= 2 rows
+        longest = max(lengths)
+        tokens = torch.tensor([r.prompt + [0] * (longest - len(r.prompt)) for r in batch] + [[0] * longest] * pad,
+                              device=self.device)  # (bsz, longest)
+        slots = torch.tensor([r.slot for r in batch] + [self._scratch_slot] * pad, device=self.device)
+        view = CacheView(self.cache, slots, torch.zeros_like(slots), exact_rows=len(batch), lengths=lengths)
+        if batch[0].params.prompt_logprobs is not None:  # alone: every position's logits
+            request, want = batch[0], batch[0].params.prompt_logprobs
+            logits = self.model(tokens, ALL, view)[0]  # (prompt_len, vocab)
+            # token t's log-probability comes from the logits at t - 1
+            request.prompt_logprobs = [None] + token_logprobs(logits[:-1], tokens[0, 1:], want)
+            self._sample_and_advance(batch, logits[-1:])
+            return
+        last = torch.zeros(tokens.shape, dtype=torch.bool, device=self.device)
+        last[torch.arange(len(batch)), torch.tensor(lengths) - 1] = True
+        self._sample_and_advance(batch, self.model(tokens, Layout(logits_at=last), view))  # (len(batch), vocab)
 
     def _decode(self, batch: list[_Request]) -> None:
         pad = max(0, self.min_decode_rows - len(batch))

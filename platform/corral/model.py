@@ -108,20 +108,24 @@ class CacheView:
     exact_rows: None attends over the batch's longest row at once. An int n attends row by row,
     each of the first n rows over exactly its own keys, and lets the rows after them (padding that
     only fills the batch) skip attention: a row's logits then do not depend on the other rows
-    (continuous batching's "the same tokens as alone"), at some speed.
+    (continuous batching's "the same tokens as alone"), at some speed. `lengths` (exact rows only):
+    each row's own tokens when the rows are right-padded to the longest (a batched prefill).
     """
 
     cache: KVCache
     slots: torch.Tensor
     start: torch.Tensor
     exact_rows: int | None = None
-    _rows: list[tuple[int, int]] | None = None
+    lengths: list[int] | None = None
+    _rows: list[tuple[int, int, int]] | None = None
 
-    def rows(self, seqlen: int) -> list[tuple[int, int]]:
-        """(slot, keys attended) of each exact row, read from the device once per forward."""
+    def rows(self, seqlen: int) -> list[tuple[int, int, int]]:
+        """(slot, tokens, keys attended) of each exact row, read from the device once per forward."""
         if self._rows is None:  # host-device sync: once, not once per layer
-            ends = self.start[: self.exact_rows] + seqlen
-            self._rows = list(zip(self.slots[: self.exact_rows].tolist(), ends.tolist()))
+            lengths = self.lengths or [seqlen] * self.exact_rows
+            starts = self.start[: self.exact_rows].tolist()
+            self._rows = [(slot, n, start + n) for slot, n, start in
+                          zip(self.slots[: self.exact_rows].tolist(), lengths, starts)]
         return self._rows
 
 
@@ -159,10 +163,11 @@ class Attention(nn.Module):
                 # Each row over exactly its own keys: a length padded to the batch's longest row
                 # changes the reduction order, and so the row's logits in the last bits.
                 xq = xq.to(cache_k.dtype)
-                rows = [self.row_attention(xq[b:b + 1], cache_k[slot, :end], cache_v[slot, :end], pos[b:b + 1])
-                        for b, (slot, end) in enumerate(cache.rows(seqlen))]
-                rows += [xq.new_zeros(bsz - len(rows), self.n_heads, seqlen, self.head_dim)]  # padding: no attention
-                out = torch.cat(rows).to(x.dtype)  # (bsz, n_heads, seqlen, head_dim)
+                out = xq.new_zeros(bsz, self.n_heads, seqlen, self.head_dim)  # padding: no attention
+                for b, (slot, n, end) in enumerate(cache.rows(seqlen)):
+                    out[b, :, :n] = self.row_attention(xq[b:b + 1, :n], cache_k[slot, :end], cache_v[slot, :end],
+                                                       pos[b:b + 1, :n])[0]
+                out = out.to(x.dtype)  # (bsz, n_heads, seqlen, head_dim)
             else:
                 kv_len = int(pos.max()) + 1  # host-device sync: one scalar per layer call
                 out = self.cached_attention(xq, cache_k, cache_v, slots, pos, kv_len)
@@ -173,7 +178,7 @@ class Attention(nn.Module):
         and values (kv_len, n_kv_heads, head_dim), read in place (views of its slot, no copy)."""
         if xq.shape[1] == 1:  # one new token sees every key: no mask
             return self.attend(xq, keys[None], values[None], None, causal=False)
-        mask = torch.arange(keys.shape[1], device=xq.device)[None, :] <= pos[0, :, None]  # (seqlen, kv_len)
+        mask = torch.arange(keys.shape[0], device=xq.device)[None, :] <= pos[0, :, None]  # (seqlen, kv_len)
         return self.attend(xq, keys[None], values[None], mask[None, None], causal=False)
 
     def cached_attention(self, xq, cache_k, cache_v, slots, pos, kv_len):

@@ -237,8 +237,15 @@ class Poisoned(torch.nn.Module):
         return self.model(tokens, layout, cache)
 
 
-def test_a_failing_forward_fails_only_its_requests(model):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: the prompts are prefilled in one forward
+def test_a_failing_forward_fails_only_its_requests(model, dtype):
+    import copy
+
+    from corral.engine import pack_linears
+
     poison = 4000
+    if dtype == "bfloat16":
+        model = pack_linears(copy.deepcopy(model).to(torch.bfloat16))
     engine = Engine(Poisoned(model, poison), max_batch_size=8)
     good = prompts(3, seed=11)
     params = SamplingParams(max_tokens=8, temperature=0)
