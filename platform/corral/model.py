@@ -11,7 +11,7 @@ Hugging Face rotates halves instead and permutes wq/wk to match (see `checkpoint
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,7 @@ class CacheView:
     start: torch.Tensor
     exact_rows: int | None = None
     lengths: list[int] | None = None
-    _rows: list[tuple[int, int, int]] | None = None
+    _rows: list[tuple[int, int, int]] | None = field(default=None, init=False, repr=False)
 
     def rows(self, seqlen: int) -> list[tuple[int, int, int]]:
         """(slot, tokens, keys attended) of each exact row, read from the device once per forward."""
