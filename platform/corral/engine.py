@@ -48,10 +48,18 @@ log = logging.getLogger(__name__)
 MAX_LOGPROBS = 20  # vLLM's limit for top log-probabilities per token
 MAX_STEP_FAILURES = 3  # failed forwards in a row after which the engine stops: something is broken for good
 # measured on x86: MKL's fp32 GEMM gives a row the same bits for any batch of >= 16 rows; oneDNN's
-# bf16 one (packed or not) for any batch of >= 2 (one row takes a GEMV kernel once K >= 2048).
-# Elsewhere (CUDA included) 16, as the H200 check measured.
-MIN_DECODE_ROWS = {("cpu", torch.bfloat16): 2}
+# bf16 one (packed or not), on a CPU with bf16 instructions, for any batch of >= 2 (one row takes a
+# GEMV kernel once K >= 2048). Elsewhere (CUDA included) 16, as the H200 check measured.
+MIN_DECODE_ROWS_BF16_CPU = 2
 MIN_DECODE_ROWS_DEFAULT = 16
+
+
+def native_bf16_cpu() -> bool:
+    """oneDNN on a CPU with bf16 instructions (AVX-512 bf16 or AMX): where packing pays and where
+    the bf16 row invariance above was measured."""
+    from corral.train.strategy import FAST_BF16_FLAGS, cpu_flags
+
+    return torch.backends.mkldnn.is_available() and any(f in cpu_flags() for f in FAST_BF16_FLAGS)
 LAST = Layout(logits_at="last")  # sampling reads only each row's last logits
 ALL = Layout()  # a prefill whose prompt log-probabilities were asked for (echo)
 
@@ -165,8 +173,9 @@ class Engine:
         self.batch_invariant = batch_invariant
         param = next(model.parameters())
         self.device = param.device
-        self.min_decode_rows = MIN_DECODE_ROWS.get((param.device.type, param.dtype), MIN_DECODE_ROWS_DEFAULT) \
-            if batch_invariant else 1
+        bf16_cpu = param.device.type == "cpu" and param.dtype == torch.bfloat16 and native_bf16_cpu()
+        self.min_decode_rows = 1 if not batch_invariant else \
+            MIN_DECODE_ROWS_BF16_CPU if bf16_cpu else MIN_DECODE_ROWS_DEFAULT
         # one slot more than requests: the scratch row that pads small decode batches
         # attention in fp32 on a CPU (see KVCache), in the weights' dtype on an accelerator
         self.cache = KVCache(model.config, max_batch_size + 1, self.max_seq_len, device=param.device,
@@ -517,10 +526,10 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: Transformer) -> Transformer:
     """Replace `model`'s linear layers by `PackedLinear`s where that pays (bf16 weights on a CPU
-    with oneDNN); the model is then for inference only. Measured on the small preset: a decode
+    with bf16 instructions); the model is then for inference only. Measured on the small preset: a decode
     step's matmuls 1.7x faster at one row, 1.9x at 32 (`benchmarks/serve_load.py`)."""
     param = next(model.parameters())
-    if param.dtype != torch.bfloat16 or param.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if param.dtype != torch.bfloat16 or param.device.type != "cpu" or not native_bf16_cpu():
         return model
     for module in list(model.modules()):
         for name, child in module.named_children():
