@@ -90,7 +90,8 @@ def deploy(ckpt: Path, port: int, threads: int, dtype: str) -> dict[str, str]:
     for engine in ENGINES:
         model = {"model": str(ckpt), "dtype": dtype, "num_threads": threads} if engine == "corral" else \
             {"model": str(ckpt), "dtype": dtype, "engine": "vllm", "vllm": {"kv_cache_memory_bytes": 1 << 30}}
-        app = template | {"name": engine, "route_prefix": f"/{engine}", "args": {"base": template["args"]["base"] | model}}
+        base = template["args"]["base"] | model
+        app = template | {"name": engine, "route_prefix": f"/{engine}", "args": {"base": base}}
         app["deployments"] = [d for d in template["deployments"] if d["name"] != "chat"]
         config["applications"].append(app)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

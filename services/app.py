@@ -2,12 +2,13 @@
 
     client --HTTP--> Serve proxy --> OpenAIServer (FastAPI ingress) --handle, streaming--> base | chat
 
-`ModelServer` wraps a continuous-batching engine, per model either corral's own
-(`corral.engine.Engine`, the CPU default, stepping in a process of its own) or vLLM's (`corral.vllm_engine.VllmEngine`: paged KV,
+`ModelServer` wraps a continuous-batching engine, per model either corral's own (`corral.engine.Engine`,
+the CPU default, stepping in a process of its own) or vLLM's (`corral.vllm_engine.VllmEngine`: paged KV,
 prefix caching, tensor parallelism, for the GPU pools); every request streams its deltas back over
 a DeploymentHandle, and the ingress turns them into one JSON response or into Server-Sent Events.
-Both engines sit behind the same ingress, API keys, error bodies, limits, metrics and health. Replica counts, autoscaling, `max_ongoing_requests`, `max_queued_requests` and
-`accelerator_type` come from the Serve config file (services/configs/), never from this code.
+Both engines sit behind the same ingress, API keys, error bodies, limits, metrics and health.
+Replica counts, autoscaling, `max_ongoing_requests`, `max_queued_requests` and `accelerator_type`
+come from the Serve config file (services/configs/), never from this code.
 
 `build_app` is the config's `import_path` (services.app:build_app); its `args` are `AppArgs`.
 """
@@ -32,8 +33,8 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import corral
-from corral.engine import Engine, EngineError, SamplingParams, TokenLogprob, pack_linears
-from corral.engine_process import EngineProcess
+from corral.engine import EngineError, SamplingParams, TokenLogprob
+from corral.engine_process import EngineProcess, load_engine
 from corral.guard import Guard
 from corral.registry import model_cache, pin_version, resolve_model
 from corral.tokenizer import ChatFormatError
@@ -166,13 +167,11 @@ class ModelServer:
         else:
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
+            engine_args = (str(path), dtype, device, max_batch_size, batch_invariant, num_threads)
             if engine_process:
-                self.engine = EngineProcess(str(path), dtype, device, max_batch_size, batch_invariant, num_threads)
+                self.engine = EngineProcess(*engine_args)
             else:
-                if num_threads:
-                    torch.set_num_threads(num_threads)
-                weights = pack_linears(corral.load_model(path, getattr(torch, dtype)).to(device))
-                self.engine = Engine(weights, self.tokenizer, max_batch_size, batch_invariant=batch_invariant)
+                self.engine = load_engine(*engine_args)
                 self.engine.start()
         self.metrics = _Metrics(served_name)
 

@@ -28,6 +28,7 @@ prefilled in one forward (right-padded; each row attends over its own tokens).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import random
@@ -54,6 +55,7 @@ MIN_DECODE_ROWS_BF16_CPU = 2
 MIN_DECODE_ROWS_DEFAULT = 16
 
 
+@functools.cache
 def native_bf16_cpu() -> bool:
     """oneDNN on a CPU with bf16 instructions (AVX-512 bf16 or AMX): where packing pays and where
     the bf16 row invariance above was measured."""

@@ -119,16 +119,23 @@ def _put_all(items: list[tuple[asyncio.Queue, Output]]) -> None:
         queue.put_nowait(out)
 
 
+def load_engine(model: str, dtype: str = "float32", device: str = "cpu", max_batch_size: int = 32,
+                batch_invariant: bool = True, num_threads: int | None = None) -> Engine:
+    """An Engine over the checkpoint at `model` as serving runs it: `num_threads` torch threads,
+    weights in `dtype` on `device`, packed where that pays (`pack_linears`)."""
+    import corral
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    weights = pack_linears(corral.load_model(model, getattr(torch, dtype)).to(device))
+    return Engine(weights, corral.load_tokenizer(model), max_batch_size, batch_invariant=batch_invariant)
+
+
 def _run_child(conn, model: str, dtype: str, device: str, max_batch_size: int, batch_invariant: bool,
                num_threads: int | None) -> None:
     """The child: load the model, then step whenever there is work, reading requests between steps."""
-    import corral
-
     try:
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        weights = pack_linears(corral.load_model(model, getattr(torch, dtype)).to(device))
-        engine = Engine(weights, corral.load_tokenizer(model), max_batch_size, batch_invariant=batch_invariant)
+        engine = load_engine(model, dtype, device, max_batch_size, batch_invariant, num_threads)
     except Exception as e:  # a bad checkpoint, no memory: the parent raises it
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return

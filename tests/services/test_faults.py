@@ -104,7 +104,8 @@ def wait_until_replaced(url: str, handle, pid: int) -> None:
     deadline = time.time() + 180
     while True:
         try:
-            if handle.pid.remote().result(timeout_s=10) != pid and httpx.get(f"{url}/health", timeout=30).status_code == 200:
+            replaced = handle.pid.remote().result(timeout_s=10) != pid
+            if replaced and httpx.get(f"{url}/health", timeout=30).status_code == 200:
                 break
         except Exception:  # the old replica is gone, the new one not yet up
             pass
