@@ -165,7 +165,8 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch_size: int = 32,
-                 max_seq_len: int | None = None, max_prefill_tokens: int = 512, batch_invariant: bool = True):
+                 max_seq_len: int | None = None, max_prefill_tokens: int = 512, batch_invariant: bool = True,
+                 compile_decode: bool = False):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.model = model.eval()
@@ -183,6 +184,11 @@ class Engine:
         self.cache = KVCache(model.config, max_batch_size + 1, self.max_seq_len, device=param.device,
                              dtype=torch.float32 if param.device.type == "cpu" else param.dtype)
         self.max_batch_size = self._scratch_slot = max_batch_size
+        self.compiled_decode = None
+        if compile_decode:  # every row alone by construction: no padding rows (corral.compiled_decode)
+            from corral.compiled_decode import CompiledDecode
+
+            self.compiled_decode = CompiledDecode(model, self.cache, self._scratch_slot)
         self._free_slots = deque(range(max_batch_size))
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}  # request id -> request holding a slot
@@ -310,6 +316,11 @@ class Engine:
         self._sample_and_advance(batch, self.model(tokens, Layout(logits_at=last), view))  # (len(batch), vocab)
 
     def _decode(self, batch: list[_Request]) -> None:
+        if self.compiled_decode is not None:
+            logits = self.compiled_decode([r.tokens[-1] for r in batch], [r.slot for r in batch],
+                                          [len(r.prompt) + len(r.tokens) - 1 for r in batch])
+            self._sample_and_advance(batch, logits)
+            return
         pad = max(0, self.min_decode_rows - len(batch))
         tokens = torch.tensor([[r.tokens[-1]] for r in batch] + [[0]] * pad, device=self.device)  # (bsz, 1)
         slots = torch.tensor([r.slot for r in batch] + [self._scratch_slot] * pad, device=self.device)

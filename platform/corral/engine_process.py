@@ -33,12 +33,13 @@ class EngineProcess:
     in a child process, which loads the checkpoint at `model` itself."""
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "cpu", max_batch_size: int = 32,
-                 batch_invariant: bool = True, num_threads: int | None = None, start_timeout_s: float = 900):
+                 batch_invariant: bool = True, num_threads: int | None = None, compile_decode: bool = False,
+                 start_timeout_s: float = 900):
         context = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
         self._conn, child_end = context.Pipe()
         self._process = context.Process(
             target=_run_child, name="corral-engine", daemon=True,
-            args=(child_end, model, dtype, device, max_batch_size, batch_invariant, num_threads))
+            args=(child_end, model, dtype, device, max_batch_size, batch_invariant, num_threads, compile_decode))
         self._process.start()
         child_end.close()
         if not self._conn.poll(start_timeout_s):
@@ -120,22 +121,26 @@ def _put_all(items: list[tuple[asyncio.Queue, Output]]) -> None:
 
 
 def load_engine(model: str, dtype: str = "float32", device: str = "cpu", max_batch_size: int = 32,
-                batch_invariant: bool = True, num_threads: int | None = None) -> Engine:
+                batch_invariant: bool = True, num_threads: int | None = None, compile_decode: bool = False) -> Engine:
     """An Engine over the checkpoint at `model` as serving runs it: `num_threads` torch threads,
-    weights in `dtype` on `device`, packed where that pays (`pack_linears`)."""
+    weights in `dtype` on `device`, packed where that pays (`pack_linears`), or, with
+    `compile_decode`, left as they are for TorchInductor (`corral.compiled_decode`)."""
     import corral
 
     if num_threads:
         torch.set_num_threads(num_threads)
-    weights = pack_linears(corral.load_model(model, getattr(torch, dtype)).to(device))
-    return Engine(weights, corral.load_tokenizer(model), max_batch_size, batch_invariant=batch_invariant)
+    weights = corral.load_model(model, getattr(torch, dtype)).to(device)
+    if not compile_decode:
+        weights = pack_linears(weights)
+    return Engine(weights, corral.load_tokenizer(model), max_batch_size, batch_invariant=batch_invariant,
+                  compile_decode=compile_decode)
 
 
 def _run_child(conn, model: str, dtype: str, device: str, max_batch_size: int, batch_invariant: bool,
-               num_threads: int | None) -> None:
+               num_threads: int | None, compile_decode: bool) -> None:
     """The child: load the model, then step whenever there is work, reading requests between steps."""
     try:
-        engine = load_engine(model, dtype, device, max_batch_size, batch_invariant, num_threads)
+        engine = load_engine(model, dtype, device, max_batch_size, batch_invariant, num_threads, compile_decode)
     except Exception as e:  # a bad checkpoint, no memory: the parent raises it
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
