@@ -4,14 +4,16 @@ In one run, on the same weights:
 1. N streaming completions at a set concurrency against the OpenAI-compatible Serve app:
    output tokens/s, time to first token (TTFT) and time per output token (TPOT) at p50/p99;
    then the same at concurrency 1 (batch 1, over HTTP);
-2. the peer: the same two loads against the same Serve app with `engine: vllm` (vLLM's CPU
-   build here), on the same weights and prompts, behind the same ingress; the two engines take
-   turns, three rounds, and the median round of each is kept;
+2. the same two loads with `compile_decode: true` (the corral engine's decode step compiled by
+   TorchInductor), and the peer: `engine: vllm` (vLLM's CPU build here), on the same weights and
+   prompts, behind the same ingress; the engines take turns, three rounds, and the median round
+   of each is kept;
 3. Hugging Face `generate` one request at a time on the same weights (exported with
    corral.export_hf): the sequential baseline;
 4. the engine's batch-1 decode speed against the memory-bandwidth bound: model bytes / copy
    bandwidth, measured here on a buffer of the model's size (the same cache level the weights
-   live in); the DRAM bandwidth of a 1 GiB buffer is reported beside it.
+   live in); the DRAM bandwidth of a 1 GiB buffer is reported beside it. Compiled (the target's
+   number; batch-invariant by construction), eager batch-invariant, and eager without invariance.
 
     .venv/bin/python benchmarks/serve_load.py                      # small preset, random weights
     .venv/bin/python benchmarks/serve_load.py --checkpoint DIR --num-prompts 128 --concurrency 32
@@ -72,7 +74,7 @@ def make_prompts(n: int) -> list[str]:
 
 
 # -- 1. the Serve endpoint under load ----------------------------------------------------------------------
-ENGINES = ("corral", "vllm")
+ENGINES = ("corral", "compiled", "vllm")  # compiled: the corral engine with compile_decode
 
 
 def deploy(ckpt: Path, port: int, threads: int, dtype: str) -> dict[str, str]:
@@ -88,8 +90,9 @@ def deploy(ckpt: Path, port: int, threads: int, dtype: str) -> dict[str, str]:
     template = config["applications"][0]
     config["applications"] = []
     for engine in ENGINES:
-        model = {"model": str(ckpt), "dtype": dtype, "num_threads": threads} if engine == "corral" else \
-            {"model": str(ckpt), "dtype": dtype, "engine": "vllm", "vllm": {"kv_cache_memory_bytes": 1 << 30}}
+        model = {"model": str(ckpt), "dtype": dtype, "engine": "vllm", "vllm": {"kv_cache_memory_bytes": 1 << 30}} \
+            if engine == "vllm" else {"model": str(ckpt), "dtype": dtype, "num_threads": threads,
+                                      "compile_decode": engine == "compiled"}
         base = template["args"]["base"] | model
         app = template | {"name": engine, "route_prefix": f"/{engine}", "args": {"base": base}}
         app["deployments"] = [d for d in template["deployments"] if d["name"] != "chat"]
@@ -178,18 +181,20 @@ def copy_bandwidth(nbytes: int, repeats: int = 20) -> float:
 
 
 def batch1_decode(ckpt: Path, tokens: int, dtype: str) -> dict:
-    """Decode tokens/s of the engine at batch 1, as served (batch-invariant, weights packed) and
-    without batch invariance."""
+    """Decode tokens/s of the engine at batch 1: compiled (`compile_decode`), eager as served
+    (batch-invariant, weights packed), and eager without batch invariance."""
     import corral
     from corral.engine import Engine, SamplingParams, pack_linears
 
     model = corral.load_model(ckpt, getattr(torch, dtype))
     model_bytes = sum(p.nbytes for p in model.parameters())
-    model = pack_linears(model)
     prompt = corral.load_tokenizer(ckpt).encode("The king")
     out = {"model_bytes": model_bytes}
-    for invariant in (True, False):
-        engine = Engine(model, max_batch_size=1, batch_invariant=invariant)
+    engines = {"_compiled": lambda: Engine(model, max_batch_size=1, compile_decode=True),
+               "": lambda: Engine(pack_linears(model), max_batch_size=1),
+               "_not_batch_invariant": lambda: Engine(model, max_batch_size=1, batch_invariant=False)}
+    for name, make in engines.items():  # compiled first: it needs the weights unpacked
+        engine = make()
         timings = {}
         for n in (1, tokens + 1):  # the difference is `tokens` decode steps; prefill cancels out
             params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
@@ -197,7 +202,7 @@ def batch1_decode(ckpt: Path, tokens: int, dtype: str) -> dict:
             start = time.perf_counter()
             engine.generate([prompt], params)
             timings[n] = time.perf_counter() - start
-        out["tokens_per_s" + ("" if invariant else "_not_batch_invariant")] = tokens / (timings[tokens + 1] - timings[1])
+        out["tokens_per_s" + name] = tokens / (timings[tokens + 1] - timings[1])
     bandwidth = copy_bandwidth(model_bytes)
     out |= {"copy_bandwidth_model_sized_GBps": bandwidth / 1e9,
             "copy_bandwidth_1GiB_GBps": copy_bandwidth(1 << 30, repeats=5) / 1e9,
@@ -226,6 +231,15 @@ def served(ckpt: Path, args, prompts: list[str]) -> dict[str, dict]:
     median = lambda results: sorted(results, key=lambda r: r["output_tokens_per_s"])[len(results) // 2]  # noqa: E731
     return {name: median(results) | {"rounds_tokens_per_s": [r["output_tokens_per_s"] for r in results]}
             for name, results in runs.items()}
+
+
+def machine() -> dict:
+    """The CPU these numbers come from (hosts vary: quote benchmarks/machine.py beside them)."""
+    from corral.train.strategy import cpu_flags
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    return {"cpu": name, "bf16_instructions": sorted(f for f in ("avx512_bf16", "amx_bf16") if f in cpu_flags())}
 
 
 def vllm_version() -> str:
@@ -266,19 +280,23 @@ def main() -> None:
     decode = batch1_decode(ckpt, args.decode_tokens, args.dtype)
     hf = hf_sequential(hf_dir, prompts[: args.hf_prompts], args.max_tokens, args.dtype)
     runs = served(ckpt, args, prompts)
-    serve_stats, batch1, vllm_stats, vllm_batch1 = runs["corral"], runs["corral_batch1"], runs["vllm"], \
-        runs["vllm_batch1"]
-    ratios = {"serve_vs_hf_sequential": serve_stats["output_tokens_per_s"] / hf["output_tokens_per_s"],
-              f"corral_vs_vllm_concurrency_{args.concurrency}":
-                  serve_stats["output_tokens_per_s"] / vllm_stats["output_tokens_per_s"],
-              "corral_vs_vllm_batch1": batch1["output_tokens_per_s"] / vllm_batch1["output_tokens_per_s"],
-              "batch1_decode_vs_bandwidth_bound": decode["tokens_per_s"] / decode["bound_tokens_per_s"],
+    tok_s = {name: run["output_tokens_per_s"] for name, run in runs.items()}
+    c = args.concurrency
+    ratios = {"serve_vs_hf_sequential": tok_s["corral"] / hf["output_tokens_per_s"],
+              f"corral_vs_vllm_concurrency_{c}": tok_s["corral"] / tok_s["vllm"],
+              "corral_vs_vllm_batch1": tok_s["corral_batch1"] / tok_s["vllm_batch1"],
+              f"compiled_vs_vllm_concurrency_{c}": tok_s["compiled"] / tok_s["vllm"],
+              "compiled_vs_vllm_batch1": tok_s["compiled_batch1"] / tok_s["vllm_batch1"],
+              "batch1_decode_vs_bandwidth_bound": decode["tokens_per_s_compiled"] / decode["bound_tokens_per_s"],
+              "batch1_decode_eager_vs_bound": decode["tokens_per_s"] / decode["bound_tokens_per_s"],
               "batch1_decode_not_batch_invariant_vs_bound":
                   decode["tokens_per_s_not_batch_invariant"] / decode["bound_tokens_per_s"]}
     result = {"checkpoint": str(ckpt), "preset": args.preset, "dtype": args.dtype, "max_tokens": args.max_tokens,
               "threads": args.threads, "replica_threads": args.replica_threads,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "serve": serve_stats,
-              "serve_batch1": batch1, "vllm": vllm_stats, "vllm_batch1": vllm_batch1, "vllm_version": vllm_version(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "serve": runs["corral"],
+              "serve_batch1": runs["corral_batch1"], "compiled": runs["compiled"],
+              "compiled_batch1": runs["compiled_batch1"], "vllm": runs["vllm"], "vllm_batch1": runs["vllm_batch1"],
+              "vllm_version": vllm_version(), "machine": machine(),
               "hf_sequential": hf, "batch1_decode": decode, "ratios": ratios,
               "targets": {"serve_vs_hf_sequential": 5.0, "batch1_decode_vs_bandwidth_bound": 0.5,
                           f"corral_vs_vllm_concurrency_{args.concurrency}": 0.8, "corral_vs_vllm_batch1": 1.0}}
