@@ -21,6 +21,8 @@ template's kernels there multiply in fp32): batches run in chunks of `ROWS` rows
 
 from __future__ import annotations
 
+import logging
+import time
 import types
 
 import torch
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from corral.model import KVCache, Transformer
+
+log = logging.getLogger(__name__)
 
 ROWS = 4  # rows per compiled call: on a 2-core AVX-512 CPU, 8 rows cost 2.6x what 4 do (small preset)
 # weights as constants (what the GEMM template needs), and only the template: see above. Set around
@@ -126,7 +130,9 @@ class CompiledDecode:
             self.rows = [torch.tensor(n) for n in range(ROWS + 1)]
         with inductor_config.patch(INDUCTOR_CONFIG):
             for size in sorted({1, 2, ROWS}):  # in the scratch slot
+                start = time.perf_counter()
                 self._run([0] * size, [scratch_slot] * size, [0] * size)
+                log.info("compiled the decode step for %d row(s) in %.0f s", size, time.perf_counter() - start)
 
     def __call__(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
         """Logits (len(tokens), vocab) for one new token per row. Never compiles again: a

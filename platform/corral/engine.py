@@ -23,6 +23,10 @@ bf16 on a CPU: `pack_linears` reorders every weight once into oneDNN's blocked l
 decode step's small matmuls read faster; those kernels give a row the same bits for any batch of two
 rows or more, so the padding is one row, not fifteen, and the prompts admitted in a step are
 prefilled in one forward (right-padded; each row attends over its own tokens).
+
+`compile_decode` (CPU): the decode step is one TorchInductor graph per batch size instead
+(`corral.compiled_decode`), whose kernels compute each row alone, so no padding row at all; about
+2x the eager step at a few rows, slower at many on CPUs without AMX. Prefill stays eager.
 """
 
 from __future__ import annotations
