@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 ROWS = 4  # rows per compiled call: on a 2-core AVX-512 CPU, 8 rows cost 2.6x what 4 do (small preset)
 # weights as constants (what the GEMM template needs), and only the template: see above. Set around
 # each call, since inductor compiles at a call and reads these then (not from torch.compile's options).
-INDUCTOR_CONFIG = {"freezing": True, "max_autotune_gemm_backends": "CPP", "cpp.enable_concat_linear": True}
+# Never split a row's reduction across threads (inductor's default, pinned against its env var).
+INDUCTOR_CONFIG = {"freezing": True, "max_autotune_gemm_backends": "CPP", "cpp.enable_concat_linear": True,
+                   "cpp.gemm_max_k_slices": 1}
 
 _LIB = torch.library.Library("corral", "DEF")
 _LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, "
@@ -110,9 +112,11 @@ class DecodeStep(nn.Module):
 
 class CompiledDecode:
     """`DecodeStep` compiled for 1, 2 and `ROWS` rows (at construction: a request's first steps do not
-    wait for it); a larger batch runs in chunks of `ROWS`."""
+    wait for it); a larger batch runs in chunks of `ROWS`. With `batch_invariant`, construction
+    also checks that a row gets the same bits at each of those sizes on this CPU (inductor picks
+    its kernels per host and shape), and refuses to serve if not."""
 
-    def __init__(self, model: Transformer, cache: KVCache, scratch_slot: int):
+    def __init__(self, model: Transformer, cache: KVCache, scratch_slot: int, batch_invariant: bool = True):
         param = next(model.parameters())
         if param.device.type != "cpu":
             raise ValueError(f"compiled decoding is for CPUs; this model is on {param.device} "
@@ -133,6 +137,23 @@ class CompiledDecode:
                 start = time.perf_counter()
                 self._run([0] * size, [scratch_slot] * size, [0] * size)
                 log.info("compiled the decode step for %d row(s) in %.0f s", size, time.perf_counter() - start)
+        if batch_invariant:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                self._check_rows_alone()
+
+    @torch.inference_mode()
+    def _check_rows_alone(self) -> None:
+        """One row (slot 0, free at construction) beside different padding rows, at each size."""
+        logits = []
+        for size in sorted({1, 2, ROWS}):
+            tokens = torch.arange(size) * 7 + 3  # a different token in every row
+            slots = torch.tensor([0] + [self.scratch_slot] * (size - 1))
+            logits.append(self.step(tokens, slots, torch.zeros(size, dtype=torch.long), self.rows[1],
+                                    self.cache.k, self.cache.v)[0])
+        if not all(torch.equal(logits[0], other) for other in logits[1:]):
+            raise ValueError("the compiled decode step gives a row different bits at different batch sizes on "
+                             "this CPU, so batch invariance cannot hold: set compile_decode: false, or "
+                             "batch_invariant: false")
 
     def __call__(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
         """Logits (len(tokens), vocab) for one new token per row. Never compiles again: a

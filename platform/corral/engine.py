@@ -192,7 +192,7 @@ class Engine:
         if compile_decode:  # every row alone by construction: no padding rows (corral.compiled_decode)
             from corral.compiled_decode import CompiledDecode
 
-            self.compiled_decode = CompiledDecode(model, self.cache, self._scratch_slot)
+            self.compiled_decode = CompiledDecode(model, self.cache, self._scratch_slot, batch_invariant)
         self._free_slots = deque(range(max_batch_size))
         self._waiting: deque[_Request] = deque()
         self._running: dict[int, _Request] = {}  # request id -> request holding a slot

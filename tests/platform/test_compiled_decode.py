@@ -70,3 +70,15 @@ def test_a_model_off_the_cpu_is_refused_with_what_to_do():
     model = Transformer(TINY).to("meta")
     with pytest.raises(ValueError, match="for CPUs.*engine: vllm"):
         CompiledDecode(model, KVCache(TINY, 2, 16, device="meta"), scratch_slot=1)
+
+
+def test_kernels_that_change_a_rows_bits_with_the_batch_are_refused():
+    """What construction does on a CPU where inductor's kernels would not compute rows alone."""
+    decode = object.__new__(CompiledDecode)
+    decode.cache, decode.scratch_slot = KVCache(TINY, 2, 16), 1
+    decode.rows = [torch.tensor(n) for n in range(ROWS + 1)]
+    decode.step = lambda tokens, *args: torch.ones(len(tokens), 8) * (1 + 1e-6 * len(tokens))  # depends on the batch
+    with pytest.raises(ValueError, match="different bits at different batch sizes.*compile_decode: false"):
+        decode._check_rows_alone()
+    decode.step = lambda tokens, *args: torch.ones(len(tokens), 8)
+    decode._check_rows_alone()
