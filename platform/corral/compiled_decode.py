@@ -14,9 +14,10 @@ because the autotuner would otherwise pick oneDNN at some batch sizes and the te
 
 The attention (cache write, then each row over exactly its own keys) is one opaque operator,
 `corral::decode_attention`, since rows attend over different lengths; it runs eagerly inside the
-graph. The price: a first compile per batch size (seconds for `tiny`, ~30 s for `small`; inductor
-caches it on disk for later starts), and, on a CPU without AMX, slower steps at many rows (the
-template's kernels there multiply in fp32): batches run in chunks of `ROWS` rows.
+graph. The price: a compile per batch size at start (10-40 s each on 2 cores; inductor caches
+them on disk for later starts), a second, reordered copy of the weights, and, on a CPU without
+AMX, slower steps at many rows (the template's kernels there multiply in fp32): batches run in
+chunks of `ROWS` rows.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from corral.model import KVCache, Transformer
 log = logging.getLogger(__name__)
 
 ROWS = 4  # rows per compiled call: on a 2-core AVX-512 CPU, 8 rows cost 2.6x what 4 do (small preset)
-# weights as constants (what the GEMM template needs), and only the template: see above. Set around
-# each call, since inductor compiles at a call and reads these then (not from torch.compile's options).
+# weights as constants (what the GEMM template needs), and only the template: see above. Set while
+# compiling (at construction): inductor reads them then, and ignores them in torch.compile's options.
 # Never split a row's reduction across threads (inductor's default, pinned against its env var).
 INDUCTOR_CONFIG = {"freezing": True, "max_autotune_gemm_backends": "CPP", "cpp.enable_concat_linear": True,
                    "cpp.gemm_max_k_slices": 1}
