@@ -15,9 +15,9 @@ because the autotuner would otherwise pick oneDNN at some batch sizes and the te
 The attention (cache write, then each row over exactly its own keys) is one opaque operator,
 `corral::decode_attention`, since rows attend over different lengths; it runs eagerly inside the
 graph. The price: a compile per batch size at start (10-40 s each on 2 cores; inductor caches
-them on disk for later starts), a reordered copy of the weights per compiled size (three), and, on a CPU without
-AMX, slower steps at many rows (the template's kernels there multiply in fp32): batches run in
-chunks of `ROWS` rows.
+them on disk for later starts), a reordered copy of the weights per compiled size (three), and,
+on a CPU without AMX, slower steps at many rows (the template's kernels there multiply in fp32):
+batches run in chunks of `ROWS` rows.
 """
 
 from __future__ import annotations
