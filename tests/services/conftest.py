@@ -103,6 +103,18 @@ def deploy(config: dict, timeout_s: float) -> None:
         time.sleep(1)
 
 
+def add_application(serve_app, app: dict, timeout_s: float) -> None:
+    """Deploy `app` beside the session's applications. Serve's config is declarative (an application
+    left out of it is deleted), so each one added stays in the session's config until removed."""
+    serve_app.config["applications"].append(app)
+    deploy(serve_app.config, timeout_s)
+
+
+def remove_application(serve_app, name: str) -> None:
+    serve_app.config["applications"] = [a for a in serve_app.config["applications"] if a["name"] != name]
+    serve_app.serve.delete(name)
+
+
 # the vLLM engine's test settings: a small KV cache on this shared machine, and no compile step at start-up
 VLLM_TEST_ARGS = {"kv_cache_memory_bytes": 64 << 20, "enforce_eager": True}
 
@@ -110,14 +122,12 @@ VLLM_TEST_ARGS = {"kv_cache_memory_bytes": 64 << 20, "enforce_eager": True}
 @pytest.fixture(scope="session")
 def vllm_app(serve_app):
     """The `corral` application's models on `engine: vllm`, as application `vllm` at /vllm."""
-    config = copy.deepcopy(serve_app.config)
-    app = copy.deepcopy(config["applications"][0])
+    app = copy.deepcopy(serve_app.config["applications"][0])
     app.update(name="vllm", route_prefix="/vllm")
     for role in ("base", "chat"):
         app["args"][role] |= {"engine": "vllm", "vllm": VLLM_TEST_ARGS}
-    config["applications"].append(app)
     start = time.perf_counter()
-    deploy(config, timeout_s=900)  # vLLM's start-up on a loaded 2-core machine takes minutes
+    add_application(serve_app, app, timeout_s=900)  # vLLM's start-up on a loaded 2-core machine takes minutes
     print(f"\nvLLM application start-up: {time.perf_counter() - start:.0f} s")
     url = f"{serve_app.url}/vllm"
     return SimpleNamespace(url=url, v1=f"{url}/v1", serve=serve_app.serve, app="vllm")

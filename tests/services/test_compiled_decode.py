@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.services.conftest import deploy
+from tests.services.conftest import add_application, remove_application
 
 pytestmark = pytest.mark.slow
 
@@ -21,17 +21,13 @@ PROMPTS = ["The king said to the queen", "Now is the winter of our discontent", 
 @pytest.fixture(scope="module")
 def compiled_app(serve_app):
     """The `corral` application's base model with compile_decode, as application `compiled`."""
-    from ray import serve
-
-    config = copy.deepcopy(serve_app.config)
-    app = copy.deepcopy(config["applications"][0])
+    app = copy.deepcopy(serve_app.config["applications"][0])
     app.update(name="compiled", route_prefix="/compiled")
     app["args"] = {"base": app["args"]["base"] | {"compile_decode": True}}
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "chat"]
-    config["applications"].append(app)
-    deploy(config, timeout_s=600)
+    add_application(serve_app, app, timeout_s=600)
     yield openai.OpenAI(base_url=f"{serve_app.url}/compiled/v1", api_key="unused", max_retries=0, timeout=120)
-    serve.delete("compiled")
+    remove_application(serve_app, "compiled")
 
 
 def complete(client: openai.OpenAI, prompt: str):
