@@ -320,18 +320,16 @@ class Engine:
         self._sample_and_advance(batch, self.model(tokens, Layout(logits_at=last), view))  # (len(batch), vocab)
 
     def _decode(self, batch: list[_Request]) -> None:
-        if self.compiled_decode is not None:
-            logits = self.compiled_decode([r.tokens[-1] for r in batch], [r.slot for r in batch],
-                                          [len(r.prompt) + len(r.tokens) - 1 for r in batch])
-            self._sample_and_advance(batch, logits)
+        tokens, slots = [r.tokens[-1] for r in batch], [r.slot for r in batch]
+        positions = [len(r.prompt) + len(r.tokens) - 1 for r in batch]
+        if self.compiled_decode is not None:  # rows alone by construction: no padding
+            self._sample_and_advance(batch, self.compiled_decode(tokens, slots, positions))
             return
         pad = max(0, self.min_decode_rows - len(batch))
-        tokens = torch.tensor([[r.tokens[-1]] for r in batch] + [[0]] * pad, device=self.device)  # (bsz, 1)
-        slots = torch.tensor([r.slot for r in batch] + [self._scratch_slot] * pad, device=self.device)
-        positions = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in batch] + [0] * pad,
-                                 device=self.device)
-        view = CacheView(self.cache, slots, positions, exact_rows=len(batch) if self.batch_invariant else None)
-        logits = self.model(tokens, LAST, view)
+        as_tensor = lambda values, fill: torch.tensor(values + [fill] * pad, device=self.device)  # noqa: E731
+        view = CacheView(self.cache, as_tensor(slots, self._scratch_slot), as_tensor(positions, 0),
+                         exact_rows=len(batch) if self.batch_invariant else None)
+        logits = self.model(as_tensor(tokens, 0)[:, None], LAST, view)  # tokens (bsz, 1)
         self._sample_and_advance(batch, logits[: len(batch), -1])
 
     def _guarded(self, batch: list[_Request], forward: Callable[[list[_Request]], None], fail: bool = True) -> bool:
